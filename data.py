@@ -1,0 +1,110 @@
+"""Input pipeline: memory-mapped slice arrays -> one disjoint shard per rank -> tf.data batches.
+
+The arrays written by converter.py can be far larger than memory (13 GB of images in the seed
+project), so they are opened with mmap_mode='r' and each sample is read when the pipeline
+needs it. Every rank must run the same number of steps per epoch: Horovod's allreduce waits
+for all ranks, and a rank that stops early leaves the others waiting forever.
+"""
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+
+def split_paths(data_dir, split):
+    """Paths of the image and mask arrays of one split ('train' or 'test')."""
+    return (os.path.join(data_dir, f"imgs_{split}.npy"),
+            os.path.join(data_dir, f"msks_{split}.npy"))
+
+
+def load_split(data_dir, split, image_size=None, channels=None):
+    """Opens imgs_<split>.npy and msks_<split>.npy memory-mapped, after checking that they
+    exist and agree: [N, H, W, C] images and [N, H, W, K] masks with the same N, H and W.
+    image_size / channels, when given, are what the caller (a model) expects."""
+    imgs_path, msks_path = split_paths(data_dir, split)
+    arrays = []
+    for path in (imgs_path, msks_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: not found; run converter.py first "
+                                    f"(or pass --data-dir pointing at its output)")
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as error:
+            raise ValueError(f"{path}: not a readable .npy array ({error})") from error
+        if array.ndim != 4:
+            raise ValueError(f"{path}: expected a 4-D array [N, H, W, C], got shape {array.shape}")
+        arrays.append(array)
+    imgs, msks = arrays
+    if imgs.shape[:3] != msks.shape[:3]:
+        raise ValueError(f"{imgs_path} has shape {imgs.shape} but {msks_path} has shape "
+                         f"{msks.shape}: the first three dimensions must agree")
+    if image_size is not None and imgs.shape[1:3] != (image_size, image_size):
+        raise ValueError(f"{imgs_path}: slices are {imgs.shape[1]}x{imgs.shape[2]}, "
+                         f"expected {image_size}x{image_size}")
+    if channels is not None and imgs.shape[3] != channels:
+        raise ValueError(f"{imgs_path}: {imgs.shape[3]} channels, expected {channels}")
+    return imgs, msks
+
+
+def shard_indices(num_samples, rank, num_ranks):
+    """Rank r gets samples r, r + num_ranks, ...: disjoint shards that together cover every
+    sample, each holding slices of every patient (consecutive rows are one patient)."""
+    return np.arange(rank, num_samples, num_ranks)
+
+
+def steps_per_epoch(num_samples, num_ranks, batch_size):
+    """Steps every rank runs per epoch: enough for the largest shard to be seen once. Smaller
+    shards wrap around (the dataset repeats), so no rank finishes early and hangs the rest."""
+    largest_shard = math.ceil(num_samples / num_ranks)
+    return max(1, math.ceil(largest_shard / batch_size))
+
+
+def _reader(imgs, msks):
+    """A tf.data map function that reads sample i from the memory-mapped arrays."""
+    def read(index):
+        return (np.asarray(imgs[index], dtype=np.float32),
+                np.asarray(msks[index], dtype=np.float32))
+
+    def read_in_graph(index):
+        image, mask = tf.numpy_function(read, [index], (tf.float32, tf.float32),
+                                        stateful=False)
+        image.set_shape(imgs.shape[1:])
+        mask.set_shape(msks.shape[1:])
+        return image, mask
+    return read_in_graph
+
+
+def augment(image, mask, seed):
+    """A random left-right flip followed by a random number of 90-degree rotations: together
+    they reach all 8 symmetries of the square. Image and mask are transformed together
+    (concatenated), so the labels stay on their pixels."""
+    flip_seed, rotation_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    both = tf.concat([image, mask], axis=-1)
+    both = tf.image.stateless_random_flip_left_right(both, flip_seed)
+    quarter_turns = tf.random.stateless_uniform([], rotation_seed, minval=0, maxval=4,
+                                                dtype=tf.int32)
+    both = tf.image.rot90(both, quarter_turns)
+    channels = image.shape[-1]
+    return both[..., :channels], both[..., channels:]
+
+
+def training_dataset(imgs, msks, indices, batch_size, seed):
+    """Endless shuffled, augmented batches of the given shard; the caller takes
+    steps_per_epoch() batches per epoch. The same seed gives the same batches."""
+    samples = tf.data.Dataset.from_tensor_slices(indices)
+    samples = samples.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True).repeat()
+    augment_seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    samples = tf.data.Dataset.zip(samples, augment_seeds)
+    read = _reader(imgs, msks)
+    dataset = samples.map(lambda index, aug_seed: (*read(index), aug_seed),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def evaluation_dataset(imgs, msks, indices, batch_size):
+    """The shard once, in order, without augmentation."""
+    dataset = tf.data.Dataset.from_tensor_slices(indices)
+    dataset = dataset.map(_reader(imgs, msks), num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,68 @@
+"""Project configuration: the one place to edit before converting, training and inferring.
+
+Every script reads its defaults from these module-level constants and accepts command-line
+flags that override them (`python train_horovod.py --help` lists the flags with the values
+below). The defaults run the demo on the embedded synthetic dataset; to use real BraTS data,
+point RAW_DIR at your MICCAI_BraTS... training folder.
+"""
+import os
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+# --- Data paths --------------------------------------------------------------------------
+RAW_DIR = os.path.join(_HERE, "data", "raw")  # BraTS root: one folder per case
+DATA_DIR = os.path.join(_HERE, "data", "converted")  # imgs_*.npy, msks_*.npy, manifest.json
+OUTPUT_DIR = os.path.join(_HERE, "runs", "train")  # model.keras, CSV and TensorBoard logs
+INFERENCE_DIR = os.path.join(_HERE, "runs", "inference")  # metrics, per-case CSV, PNGs
+
+# --- Synthetic BraTS cases (the demo and the tests; real data needs registration) -------
+SYNTHETIC_NUM_CASES = 24
+SYNTHETIC_SHAPE = (240, 240, 155)  # the BraTS grid: 1 mm isotropic, axial slices last
+SYNTHETIC_SEED = 2018
+
+# --- Conversion -----------------------------------------------------------------------------
+MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of the image arrays
+IMAGE_SIZE = 128  # each axial slice is brought to IMAGE_SIZE x IMAGE_SIZE
+CROP_SIZE = 192  # centre crop (voxels) before resampling; BraTS brains fit inside 192x192
+TRAIN_FRACTION = 0.85  # share of *patients* in the training split
+SPLIT_SEED = 816  # the same seed always gives the same patient split
+
+# --- Model ----------------------------------------------------------------------------------
+BASE_FILTERS = 16  # filters of the first U-Net level; doubled at every level down
+DEPTH = 4  # number of down-sampling steps
+USE_TRANSPOSED_CONV = True  # False: nearest-neighbour up-sampling + convolution
+USE_BATCH_NORM = False
+DROPOUT = 0.0  # dropout rate at the bottleneck; 0 disables it
+
+# --- Training -------------------------------------------------------------------------------
+BATCH_SIZE = 32  # per worker; the global batch is BATCH_SIZE x number of workers
+EPOCHS = 8
+STEPS_PER_EPOCH = 0  # 0: every epoch covers the largest shard once; > 0: that many steps
+# Synchronous data parallelism makes fewer, larger updates per epoch; the learning rate is
+# scaled by the number of workers to compensate (Goyal et al. 2017), warmed up linearly from
+# the single-worker rate over WARMUP_EPOCHS, then decayed along a cosine to
+# LEARNING_RATE * FINAL_LR_FRACTION.
+LEARNING_RATE = 1e-3  # single-worker (base) learning rate for Adam
+WARMUP_EPOCHS = 1
+FINAL_LR_FRACTION = 0.05
+SEED = 42  # weights, shuffling and augmentation
+LOG_EVERY_STEPS = 20  # rank 0 prints a progress line this often within an epoch
+
+# --- Threads --------------------------------------------------------------------------------
+# 0 means: computed from the cores available to each rank (its CPU affinity under mpirun
+# binding, else the node's cores divided by the ranks on the node). Maxing out intra-op
+# threads on many-core nodes can exhaust memory; leave a few cores for the OS if it does.
+NUM_INTRA_THREADS = 0
+NUM_INTER_THREADS = 0
+# OpenMP settings from the seed project. Stock TensorFlow runs oneDNN on its own thread pool,
+# so these only matter for OpenMP builds of TensorFlow; they are exported to every rank.
+KMP_BLOCKTIME = 0  # ms a thread spins after a parallel region before sleeping
+KMP_AFFINITY = "granularity=fine,compact,1,0"
+
+# --- Launch ---------------------------------------------------------------------------------
+HOSTS_FILE = os.path.join(_HERE, "hosts.txt")
+
+# --- Inference -----------------------------------------------------------------------------
+CHECKPOINT = os.path.join(OUTPUT_DIR, "model.keras")
+INFERENCE_BATCH_SIZE = 64
+NUM_FIGURES = 4  # PNG figures of test slices with the largest tumors
