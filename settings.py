@@ -36,7 +36,7 @@ DROPOUT = 0.0  # dropout rate at the bottleneck; 0 disables it
 
 # --- Training -------------------------------------------------------------------------------
 BATCH_SIZE = 32  # per worker; the global batch is BATCH_SIZE x number of workers
-EPOCHS = 8
+EPOCHS = 3
 STEPS_PER_EPOCH = 0  # 0: every epoch covers the largest shard once; > 0: that many steps
 # Synchronous data parallelism makes fewer, larger updates per epoch; the learning rate is
 # scaled by the number of workers to compensate (Goyal et al. 2017), warmed up linearly from

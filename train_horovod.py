@@ -10,9 +10,8 @@ the first epochs (large rates destabilize an untrained network) and then decayed
 Keras 3 note: Horovod's DistributedGradientTape and DistributedOptimizer do not work with
 Keras 3 variables and optimizers, so gradients are averaged explicitly with grouped_allreduce.
 """
-import csv
+import hashlib
 import os
-import sys
 import time
 
 import horovod.tensorflow as hvd
@@ -93,6 +92,14 @@ def save_atomically(model, path):
     temporary = path.replace(".keras", ".partial.keras")
     model.save(temporary)
     os.replace(temporary, path)
+
+
+def weights_fingerprint(model):
+    """A hash of all weights: equal on every rank when the ranks stayed in sync."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def log(*values):
@@ -176,6 +183,8 @@ def main(argv=None):
         if hvd.rank() == 0:
             save_atomically(model, checkpoint_path)
     callbacks.on_train_end()
+    print(f"rank {hvd.rank()}: final weights fingerprint {weights_fingerprint(model)}",
+          flush=True)
     log(f"Saved {checkpoint_path}")
 
 

@@ -1,0 +1,79 @@
+"""data.py: disjoint shards, equal steps on every rank, augmentation that keeps image and
+mask aligned, and clear errors for bad arrays."""
+import numpy as np
+import pytest
+
+import data
+
+
+@pytest.mark.parametrize("num_samples,num_ranks", [(103, 4), (10, 3), (64, 2), (5, 8)])
+def test_shards_are_disjoint_and_cover_every_sample(num_samples, num_ranks):
+    shards = [data.shard_indices(num_samples, rank, num_ranks) for rank in range(num_ranks)]
+    combined = np.concatenate(shards)
+    assert len(combined) == len(set(combined.tolist())) == num_samples
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_every_rank_gets_the_same_number_of_batches_with_an_uneven_count(tmp_path):
+    num_samples, num_ranks, batch_size = 21, 2, 4  # shards of 11 and 10 slices
+    imgs = np.arange(num_samples, dtype=np.float32).reshape(-1, 1, 1, 1) * np.ones((1, 4, 4, 2))
+    msks = np.zeros((num_samples, 4, 4, 1), np.uint8)
+    steps = data.steps_per_epoch(num_samples, num_ranks, batch_size)
+    assert steps == 3
+    for rank in range(num_ranks):
+        shard = data.shard_indices(num_samples, rank, num_ranks)
+        dataset = data.training_dataset(imgs, msks, shard, batch_size, seed=rank)
+        batches = list(dataset.take(steps))
+        assert len(batches) == steps  # the shard repeats: no rank runs out early
+        seen = {int(v) for images, _ in batches for v in images.numpy()[:, 0, 0, 0]}
+        assert seen <= set(shard.tolist()) and len(seen) >= len(shard) - 1
+
+
+def test_augmentation_moves_image_and_mask_together():
+    rng = np.random.default_rng(0)
+    pattern = rng.random((8, 8, 1)).astype(np.float32)
+    image = np.concatenate([pattern, 2 * pattern], axis=-1)
+    variants = set()
+    for seed in range(40):
+        augmented_image, augmented_mask = data.augment(image, pattern, np.array([seed, 1]))
+        np.testing.assert_array_equal(augmented_image[..., :1], augmented_mask)
+        np.testing.assert_array_equal(augmented_image[..., 1:], 2 * augmented_mask.numpy())
+        variants.add(augmented_mask.numpy().tobytes())
+    assert len(variants) == 8  # all flips and rotations of the square occur
+
+
+def test_training_batches_are_reproducible_for_a_seed():
+    imgs = np.random.default_rng(1).random((12, 8, 8, 4), dtype=np.float32)
+    msks = (imgs[..., :1] > 0.5).astype(np.uint8)
+    shard = np.arange(12)
+
+    def first_batches(seed):
+        return [b[0].numpy() for b in data.training_dataset(imgs, msks, shard, 4, seed).take(3)]
+    np.testing.assert_array_equal(first_batches(3), first_batches(3))
+    assert not np.array_equal(first_batches(3), first_batches(4))
+
+
+def test_evaluation_dataset_reads_the_shard_once_in_order():
+    imgs = np.arange(7, dtype=np.float32).reshape(-1, 1, 1, 1) * np.ones((1, 2, 2, 1))
+    msks = np.zeros((7, 2, 2, 1), np.uint8)
+    values = [v for images, _ in data.evaluation_dataset(imgs, msks, np.array([1, 3, 5]), 2)
+              for v in images.numpy()[:, 0, 0, 0]]
+    assert values == [1, 3, 5]
+
+
+def test_missing_or_mismatched_arrays_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="imgs_train.npy"):
+        data.load_split(tmp_path, "train")
+    np.save(tmp_path / "imgs_train.npy", np.zeros((4, 8, 8, 4), np.float32))
+    np.save(tmp_path / "msks_train.npy", np.zeros((3, 8, 8, 1), np.uint8))
+    with pytest.raises(ValueError, match="msks_train.npy"):
+        data.load_split(tmp_path, "train")
+    np.save(tmp_path / "msks_train.npy", np.zeros((4, 8, 8, 1), np.uint8))
+    with pytest.raises(ValueError, match="expected 16x16"):
+        data.load_split(tmp_path, "train", image_size=16)
+    with pytest.raises(ValueError, match="4 channels, expected 3"):
+        data.load_split(tmp_path, "train", channels=3)
+    (tmp_path / "imgs_test.npy").write_bytes(b"garbage")
+    np.save(tmp_path / "msks_test.npy", np.zeros((4, 8, 8, 1), np.uint8))
+    with pytest.raises(ValueError, match="imgs_test.npy"):
+        data.load_split(tmp_path, "test")

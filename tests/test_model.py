@@ -1,0 +1,71 @@
+"""model.py: U-Net shapes and variants, and Dice / loss values on masks with known answers."""
+import numpy as np
+import pytest
+
+import model as unet
+
+
+@pytest.mark.parametrize("transposed,batch_norm,dropout", [(True, False, 0.0),
+                                                           (False, True, 0.3)])
+def test_unet_maps_slices_to_probabilities_of_the_same_size(transposed, batch_norm, dropout):
+    net = unet.build_unet(image_size=32, channels=4, num_classes=1, base_filters=4, depth=3,
+                          use_transposed_conv=transposed, use_batch_norm=batch_norm,
+                          dropout=dropout)
+    probabilities = np.asarray(net(np.random.default_rng(0).random((2, 32, 32, 4))))
+    assert probabilities.shape == (2, 32, 32, 1)
+    assert probabilities.min() >= 0 and probabilities.max() <= 1
+    assert any("batch_normalization" in type(layer).__name__.lower() or "_bn" in layer.name
+               for layer in net.layers) == batch_norm
+
+
+def test_filters_double_at_every_level():
+    net = unet.build_unet(image_size=32, base_filters=8, depth=2)
+    assert net.get_layer("down0_conv1").filters == 8
+    assert net.get_layer("down1_conv1").filters == 16
+    assert net.get_layer("bottleneck_conv1").filters == 32
+
+
+def test_image_size_must_survive_every_halving():
+    with pytest.raises(ValueError, match="divisible"):
+        unet.build_unet(image_size=36, depth=3)
+
+
+def masks(*pixels, size=4):
+    mask = np.zeros((1, size, size, 1), np.float32)
+    for row, col in pixels:
+        mask[0, row, col, 0] = 1
+    return mask
+
+
+def test_dice_on_known_overlaps():
+    truth = masks((0, 0), (0, 1), (1, 0), (1, 1))
+    half = masks((0, 0), (0, 1), (3, 3), (3, 2))
+    smooth = unet.SMOOTH
+    assert float(unet.dice_coefficient(truth, truth)) == pytest.approx(1.0)
+    assert float(unet.dice_coefficient(truth, half)) == pytest.approx((4 + smooth) / (8 + smooth))
+    assert float(unet.dice_coefficient(truth, masks((3, 3)))) == pytest.approx(smooth / (5 + smooth))
+    assert float(unet.dice_coefficient(masks(), masks())) == 1.0  # both empty: perfect
+    assert unet.dice_from_sums(2, 8) == pytest.approx((4 + smooth) / (8 + smooth))
+
+
+def test_dice_thresholds_probabilities():
+    truth = masks((0, 0), (0, 1))
+    probabilities = truth * 0.6 + 0.3  # 0.9 on the tumor, 0.3 elsewhere
+    assert float(unet.dice_coefficient(truth, probabilities)) == pytest.approx(1.0)
+
+
+def test_soft_dice_loss_values():
+    truth = masks((0, 0), (0, 1), (1, 0), (1, 1))
+    assert float(unet.soft_dice_loss(truth, truth)) == pytest.approx(0.0)
+    assert float(unet.soft_dice_loss(truth, masks())) == pytest.approx(1 - 1 / (4 + unet.SMOOTH))
+    halfway = np.full_like(truth, 0.5)  # intersection 2, total 4 + 8
+    assert float(unet.soft_dice_loss(truth, halfway)) == pytest.approx(1 - 5 / 13)
+
+
+def test_bce_dice_loss_adds_cross_entropy():
+    truth = masks((0, 0), (0, 1))
+    prediction = np.clip(truth, 0.1, 0.9)
+    bce = -np.mean(truth * np.log(prediction) + (1 - truth) * np.log(1 - prediction))
+    expected = bce + float(unet.soft_dice_loss(truth, prediction))
+    assert float(unet.bce_dice_loss(truth, prediction)) == pytest.approx(expected, rel=1e-4)
+    assert float(unet.bce_dice_loss(truth, truth)) < 1e-3
