@@ -1,62 +1,52 @@
-"""Converts BraTS NIfTI volumes into the slice arrays that training and inference read.
+"""Converts a BraTS release (NIfTI volumes) into the slice arrays training and inference read.
 
-For every case folder (`<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz`) it loads the four
-modalities and the label map, z-scores each modality over the brain, centre-crops and
-resamples every axial slice to IMAGE_SIZE x IMAGE_SIZE, and writes
+    python converter.py --raw-dir DIR --out-dir DIR [--split 0.85] [--seed N]
 
-    imgs_train.npy, msks_train.npy, imgs_test.npy, msks_test.npy, manifest.json
+It detects the release's layout (layouts.py: BraTS 2017-2023 or the Decathlon task), reads
+every case, prepares its axial slices (preprocessing.py) and writes to the output folder
 
-images [N, S, S, 4] float32 (channels in MODALITIES order) and whole-tumor masks [N, S, S, 1]
-uint8. Cases are split by patient, never by slice: slices of one patient are nearly identical,
-so a slice-level split would let the test set leak into training. The manifest records which
-case went to which split and which rows hold its slices.
+    imgs_train.npy  [N, S, S, 4] float16 (or float32): channels in MODALITIES order
+    msks_train.npy  [N, S, S, K] uint8: whole tumor, or whole tumor, tumor core, enhancing
+    imgs_test.npy, msks_test.npy
+    manifest.json   layout and label mapping, preprocessing, which case went to which split,
+                    its rows, slices and crop box, and the skipped cases with the reason
 
-Arrays are written case by case into preallocated memory-mapped files, so memory holds one
-case at a time whatever the dataset size. Everything is written under temporary names and
-renamed when complete; manifest.json is renamed last, so an output folder without a manifest
-is incomplete.
+Cases are split by patient, never by slice: slices of one patient are nearly identical, so a
+slice-level split would leak the test set into training. A release without label maps
+(validation data) converts images only, all into the test split.
+
+Memory stays bounded whatever the release size: cases are read by a pool of worker processes
+(a bounded number in flight) and appended to the .npy files in case order, so the output is
+byte-for-byte the same for any number of workers. Everything is written under temporary names
+and renamed when complete, manifest.json last: a folder without a manifest is incomplete.
 """
-import glob
+import collections
+import concurrent.futures
+import dataclasses
+import io
 import json
 import os
 import sys
 
 import nibabel as nib
 import numpy as np
-import scipy.ndimage
 from tqdm import tqdm
 
 import cli
-import data
+import layouts
+import preprocessing
 import settings
 
-SETTINGS = ["RAW_DIR", "DATA_DIR", "TRAIN_FRACTION", "SPLIT_SEED", "IMAGE_SIZE", "CROP_SIZE"]
+SETTINGS = ["RAW_DIR", "DATA_DIR", "TRAIN_FRACTION", "SPLIT_SEED", "LAYOUT", "IMAGE_SIZE",
+            "CROP_SIZE", "CROP_MODE", "SLICE_POLICY", "LABEL_MODE", "IMAGE_DTYPE",
+            "CONVERT_WORKERS", "STRICT"]
 FLAGS = {"RAW_DIR": "--raw-dir", "DATA_DIR": "--out-dir", "TRAIN_FRACTION": "--split",
-         "SPLIT_SEED": "--seed"}
-LABEL = "seg"
-KNOWN_LABELS = {0, 1, 2, 4}  # BraTS 2017-2020: necrotic core, edema, enhancing tumor
+         "SPLIT_SEED": "--seed", "CONVERT_WORKERS": "--workers"}
+HELP = {"LAYOUT": "auto, " + ", ".join(layouts.LAYOUTS), "CROP_MODE": "center or brain_box",
+        "SLICE_POLICY": "brain or all", "LABEL_MODE": "whole_tumor or regions",
+        "IMAGE_DTYPE": "float16 or float32", "CONVERT_WORKERS": "0 = one per core",
+        "STRICT": "fail when any case is skipped"}
 MANIFEST = "manifest.json"
-
-
-class CaseError(Exception):
-    """A case that cannot be converted; the message names the file and the problem."""
-
-
-def find_cases(raw_dir):
-    """{case_id: {modality or 'seg': path}} for every folder holding a FLAIR volume named
-    after the folder. Missing files are left out here and reported by load_case."""
-    cases = {}
-    pattern = os.path.join(raw_dir, "**", f"*_{settings.MODALITIES[0]}.nii*")
-    for flair_path in sorted(glob.glob(pattern, recursive=True)):
-        case_dir = os.path.dirname(flair_path)
-        case_id = os.path.basename(case_dir)
-        files = {}
-        for kind in (*settings.MODALITIES, LABEL):
-            matches = glob.glob(os.path.join(case_dir, f"{case_id}_{kind}.nii*"))
-            files[kind] = matches[0] if matches else os.path.join(case_dir,
-                                                                  f"{case_id}_{kind}.nii.gz")
-        cases[case_id] = files
-    return cases
 
 
 def split_cases(case_ids, train_fraction, seed):
@@ -69,136 +59,126 @@ def split_cases(case_ids, train_fraction, seed):
     return sorted(shuffled[:num_train]), sorted(shuffled[num_train:])
 
 
-def read_volume(path):
-    """A 3-D float32 volume from a NIfTI file, or CaseError naming the file and the problem."""
-    if not os.path.exists(path):
-        raise CaseError(f"{path}: file not found")
+def split_paths(data_dir, split):
+    """Paths of the image and mask arrays of one split ('train' or 'test')."""
+    return (os.path.join(data_dir, f"imgs_{split}.npy"),
+            os.path.join(data_dir, f"msks_{split}.npy"))
+
+
+def prepare_case(case, options):
+    """Worker task: (imgs, msks, geometry) of one case, or the CaseError message."""
     try:
-        volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    except Exception as error:  # nibabel and gzip raise many types for damaged files
-        raise CaseError(f"{path}: unreadable NIfTI ({type(error).__name__}: {error})") from error
-    if volume.ndim != 3:
-        raise CaseError(f"{path}: expected a 3-D volume, got shape {volume.shape}")
-    if not np.isfinite(volume).all():
-        raise CaseError(f"{path}: contains NaN or infinite voxels")
-    return volume
+        image, labels = layouts.read_case(case)
+    except layouts.CaseError as error:
+        return str(error)
+    return preprocessing.preprocess_case(image, labels, options)
 
 
-def load_case(files):
-    """(image [X, Y, Z, 4], label [X, Y, Z] or None) of one case; every volume is checked."""
-    channels = [read_volume(files[modality]) for modality in settings.MODALITIES]
-    label = read_volume(files[LABEL]) if files.get(LABEL) else None
-    for kind, volume in zip((*settings.MODALITIES, LABEL), (*channels, label)):
-        if volume is not None and volume.shape != channels[0].shape:
-            raise CaseError(f"{files[kind]}: shape {volume.shape} differs from "
-                            f"{files[settings.MODALITIES[0]]} {channels[0].shape}")
-    if label is not None:
-        unknown = set(np.unique(label).astype(int).tolist()) - KNOWN_LABELS
-        if unknown:
-            raise CaseError(f"{files[LABEL]}: label values {sorted(unknown)} outside the "
-                            f"known set {sorted(KNOWN_LABELS)}")
-    return np.stack(channels, axis=-1), label
+def prepared_cases(cases, options, workers):
+    """Yields (case, result of prepare_case) in case order. With several workers at most
+    2 x workers cases are in flight, so memory does not grow with the number of cases."""
+    if workers <= 1:
+        for case in cases:
+            yield case, prepare_case(case, options)
+        return
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        in_flight = collections.deque()
+        for case in cases:
+            in_flight.append((case, pool.submit(prepare_case, case, options)))
+            if len(in_flight) >= 2 * workers:
+                case, future = in_flight.popleft()
+                yield case, future.result()
+        while in_flight:
+            case, future = in_flight.popleft()
+            yield case, future.result()
 
 
-def normalize(image):
-    """Z-scores each modality over the brain (voxels non-zero in any modality), because MRI
-    intensities have no absolute scale: they differ between scanners, cases and modalities.
-    The background stays 0."""
-    brain = image.any(axis=-1)
-    normalized = np.zeros_like(image)
-    for channel in range(image.shape[-1]):
-        values = image[..., channel][brain]
-        std = values.std() if values.size else 0.0
-        normalized[..., channel][brain] = (values - values.mean()) / (std or 1.0)
-    return normalized
+class NpyAppender:
+    """Appends rows to a .npy file under a temporary name; finish() writes the final row count
+    into the header, truncates unused space and renames the file into place.
 
-
-def to_slices(volume, crop_size, image_size, order):
-    """[X, Y, Z, C] -> [Z, S, S, C]: centre-crops each axial slice to crop_size (the BraTS
-    brain sits in the middle of a 240x240 grid with empty margins) and resamples it to
-    image_size with spline interpolation of the given order (0, nearest, for labels)."""
-    height, width = volume.shape[:2]
-    crop = min(crop_size, height, width)
-    top, left = (height - crop) // 2, (width - crop) // 2
-    cropped = volume[top:top + crop, left:left + crop]
-    factor = image_size / crop
-    resampled = scipy.ndimage.zoom(cropped, (factor, factor, 1, 1), order=order,
-                                   grid_mode=True, mode="nearest")
-    return np.ascontiguousarray(resampled.transpose(2, 0, 1, 3))
-
-
-def preprocess_case(image, label, crop_size, image_size):
-    """Model-ready (imgs [Z, S, S, 4] float32, msks [Z, S, S, 1] uint8 or None)."""
-    imgs = to_slices(normalize(image), crop_size, image_size, order=1).astype(np.float32)
-    if label is None:
-        return imgs, None
-    whole_tumor = (label > 0).astype(np.uint8)[..., np.newaxis]
-    return imgs, to_slices(whole_tumor, crop_size, image_size, order=0)
-
-
-class SliceArrayWriter:
-    """Appends slices to a preallocated memory-mapped .npy under a temporary name; finish()
-    trims unused rows (cases that failed after allocation) and renames it into place."""
+    Rows are written with ordinary file writes rather than through a memory map: written
+    pages then belong to the page cache, not to this process, so its resident memory stays at
+    one case whatever the output size (a memory map counts every page it touched)."""
 
     def __init__(self, path, capacity, row_shape, dtype):
         self.path, self.rows = path, 0
+        self.row_shape, self.dtype = tuple(row_shape), np.dtype(dtype)
         self.partial_path = path.replace(".npy", ".partial.npy")
-        self.array = np.lib.format.open_memmap(self.partial_path, mode="w+", dtype=dtype,
-                                               shape=(capacity, *row_shape))
+        self.file = open(self.partial_path, "wb")
+        self.header_size = self.file.write(self._header(capacity))
+
+    def _header(self, rows, size=None):
+        """The .npy header for `rows` rows, padded with spaces to `size` bytes when given
+        (a smaller row count has fewer digits, so the final header always fits)."""
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buffer, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": (rows, *self.row_shape)})
+        header = buffer.getvalue()
+        if size is None or len(header) == size:
+            return header
+        text = header[10:].rstrip(b" \n")
+        text += b" " * (size - 10 - len(text) - 1) + b"\n"
+        return header[:8] + len(text).to_bytes(2, "little") + text
 
     def append(self, rows):
-        self.array[self.rows:self.rows + len(rows)] = rows
+        self.file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
         self.rows += len(rows)
 
-    def discard(self):
-        del self.array
-        os.remove(self.partial_path)
-
     def finish(self):
-        self.array.flush()
-        if self.rows < len(self.array):
-            trimmed_path = self.path.replace(".npy", ".trimmed.npy")
-            trimmed = np.lib.format.open_memmap(trimmed_path, mode="w+", dtype=self.array.dtype,
-                                                shape=(self.rows, *self.array.shape[1:]))
-            trimmed[:] = self.array[:self.rows]
-            trimmed.flush()
-            del trimmed
-            os.replace(trimmed_path, self.partial_path)
-        del self.array
+        self.file.seek(0)
+        self.file.write(self._header(self.rows, self.header_size))
+        self.file.truncate(self.header_size + self.rows * self.dtype.itemsize *
+                           int(np.prod(self.row_shape)))
+        self.file.close()
         os.replace(self.partial_path, self.path)
 
+    def discard(self):
+        self.file.close()
+        os.remove(self.partial_path)
 
-def convert_split(split, case_ids, cases, args, skipped):
-    """Fills temporary imgs_<split>.npy and msks_<split>.npy; returns the manifest entries
-    and the two writers, which the caller finishes (or discards) when every split is done."""
-    num_slices = {}
-    for case_id in case_ids:  # header-only: sizes the arrays without reading voxels
+
+def num_slices(case):
+    """Axial slices of a case, from the header alone: sizes the output before reading voxels."""
+    return nib.load(case.images[settings.MODALITIES[0]]).shape[2]
+
+
+def convert_split(split, cases, options, out_dir, workers, with_masks, skipped):
+    """Fills temporary imgs_<split>.npy (and msks_<split>.npy); returns the manifest entries
+    and the writers, which the caller finishes or discards once every split is done."""
+    capacity = {}
+    for case in cases:
         try:
-            num_slices[case_id] = nib.load(cases[case_id][settings.MODALITIES[0]]).shape[2]
+            capacity[case.case_id] = num_slices(case) if not case.problem else 0
         except Exception as error:
-            skipped.append({"case": case_id, "error": f"{cases[case_id][settings.MODALITIES[0]]}: {error}"})
-    size = args.IMAGE_SIZE
-    imgs_path, msks_path = data.split_paths(args.DATA_DIR, split)
-    imgs = SliceArrayWriter(imgs_path, sum(num_slices.values()),
-                            (size, size, len(settings.MODALITIES)), np.float32)
-    msks = SliceArrayWriter(msks_path, sum(num_slices.values()), (size, size, 1), np.uint8)
+            capacity[case.case_id] = 0
+            case.problem = f"{case.images[settings.MODALITIES[0]]}: unreadable header ({error})"
+    size, total = options.image_size, sum(capacity.values())
+    imgs_path, msks_path = split_paths(out_dir, split)
+    writers = [NpyAppender(imgs_path, total, (size, size, len(settings.MODALITIES)),
+                           options.image_dtype)]
+    if with_masks:
+        writers.append(NpyAppender(msks_path, total, (size, size, len(options.target_names)),
+                                   np.uint8))
     entries = []
-    for case_id in tqdm(list(num_slices), desc=f"{split:>5} cases", unit="case"):
-        try:
-            image, label = load_case(cases[case_id])
-            if label is None:
-                raise CaseError(f"{cases[case_id][LABEL]}: label map missing")
-        except CaseError as error:
-            tqdm.write(f"WARNING: skipping {case_id}: {error}")
-            skipped.append({"case": case_id, "error": str(error)})
+    progress = tqdm(prepared_cases(cases, options, workers), total=len(cases),
+                    desc=f"{split:>5} cases", unit="case")
+    for case, result in progress:
+        if isinstance(result, str):
+            tqdm.write(f"WARNING: skipping {case.case_id}: {result}")
+            skipped.append({"case": case.case_id, "error": result})
             continue
-        case_imgs, case_msks = preprocess_case(image, label, args.CROP_SIZE, size)
-        entries.append({"case": case_id, "rows": [imgs.rows, imgs.rows + len(case_imgs)],
-                        "source": os.path.dirname(cases[case_id][settings.MODALITIES[0]]),
-                        "shape": list(image.shape[:3])})
-        imgs.append(case_imgs)
-        msks.append(case_msks)
-    return entries, (imgs, msks)
+        imgs, msks, geometry = result
+        first_row = writers[0].rows
+        entries.append({"case": case.case_id, "rows": [first_row, first_row + len(imgs)],
+                        "images": sorted(set(case.images.values())), "label": case.label,
+                        "shape": list(nib.load(case.images[settings.MODALITIES[0]]).shape[:3]),
+                        **geometry})
+        writers[0].append(imgs)
+        if with_masks:
+            writers[1].append(msks)
+    return entries, writers
 
 
 def write_json_atomically(path, content):
@@ -208,22 +188,49 @@ def write_json_atomically(path, content):
     os.replace(partial_path, path)
 
 
+def load_manifest(data_dir):
+    """The manifest of a converted folder, or None when there is none."""
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as file:
+        return json.load(file)
+
+
 def main(argv=None):
-    args = cli.parse(__doc__.splitlines()[0], SETTINGS, argv, flags=FLAGS)
-    print(f"Converting BraTS cases\nConfiguration:\n{cli.format_config(args)}")
-    cases = find_cases(args.RAW_DIR)
+    args = cli.parse(__doc__.splitlines()[0], SETTINGS, argv, HELP, FLAGS)
+    print(f"Converting a BraTS release\nConfiguration:\n{cli.format_config(args)}")
+    try:
+        layout, cases = layouts.find_cases(args.RAW_DIR, args.LAYOUT)
+        options = preprocessing.Preprocessing(args.IMAGE_SIZE, args.CROP_SIZE, args.CROP_MODE,
+                                              args.SLICE_POLICY, args.LABEL_MODE,
+                                              args.IMAGE_DTYPE)
+    except (layouts.LayoutError, ValueError) as error:
+        sys.exit(f"ERROR: {error}")
     if not cases:
-        sys.exit(f"ERROR: {args.RAW_DIR}: no BraTS case folders found (expected "
-                 f"<case>/<case>_{{{','.join(settings.MODALITIES)},seg}}.nii.gz)")
+        sys.exit(f"ERROR: {args.RAW_DIR}: a {layout} layout without any case in it")
+    workers = args.CONVERT_WORKERS or len(os.sched_getaffinity(0))
+    with_masks = any(case.label for case in cases)
+    print(f"{len(cases)} cases in the {layout} layout; {workers} worker processes"
+          + ("" if with_masks else "; no label maps: images only, all in the test split"))
+
     os.makedirs(args.DATA_DIR, exist_ok=True)
     manifest_path = os.path.join(args.DATA_DIR, MANIFEST)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # the folder is incomplete until the new manifest lands
 
-    train_ids, test_ids = split_cases(cases, args.TRAIN_FRACTION, args.SPLIT_SEED)
+    by_id = collections.defaultdict(list)  # duplicated IDs: all copies, all skipped
+    for case in cases:
+        by_id[case.case_id].append(case)
+    train_ids, test_ids = split_cases(by_id, args.TRAIN_FRACTION if with_masks else 0.0,
+                                      args.SPLIT_SEED)
+    if not with_masks:
+        train_ids, test_ids = [], sorted(by_id)
     skipped, splits, writers = [], {}, []
     for split, ids in (("train", train_ids), ("test", test_ids)):
-        splits[split], split_writers = convert_split(split, ids, cases, args, skipped)
+        split_cases_ = [case for case_id in ids for case in by_id[case_id]]
+        splits[split], split_writers = convert_split(split, split_cases_, options, args.DATA_DIR,
+                                                     workers, with_masks, skipped)
         writers.extend(split_writers)
 
     converted = sum(len(entries) for entries in splits.values())
@@ -231,16 +238,19 @@ def main(argv=None):
           f"({len(splits['train'])} train, {len(splits['test'])} test)")
     for case in skipped:
         print(f"  skipped {case['case']}: {case['error']}")
-    if converted == 0:
+    if converted == 0 or (args.STRICT and skipped):
         for writer in writers:
             writer.discard()
-        sys.exit(f"ERROR: none of the {len(cases)} cases in {args.RAW_DIR} could be converted; "
-                 f"nothing was written")
+        sys.exit(f"ERROR: {len(skipped)} of {len(cases)} cases in {args.RAW_DIR} could not be "
+                 f"converted{' (--strict)' if converted else ''}; nothing was written")
     for writer in writers:
         writer.finish()
     write_json_atomically(manifest_path, {
-        "image_size": args.IMAGE_SIZE, "crop_size": args.CROP_SIZE,
-        "modalities": list(settings.MODALITIES), "mask": "whole tumor (label > 0)",
+        "layout": layout,
+        "label_map": {str(k): v for k, v in layouts.LAYOUTS[layout].label_map.items()},
+        "internal_labels": {str(k): v for k, v in layouts.INTERNAL_LABELS.items()},
+        "modalities": list(settings.MODALITIES), "targets": list(options.target_names),
+        "preprocessing": dataclasses.asdict(options), "has_masks": with_masks,
         "train_fraction": args.TRAIN_FRACTION, "split_seed": args.SPLIT_SEED,
         "raw_dir": os.path.abspath(args.RAW_DIR), "splits": splits, "skipped": skipped})
     print(f"Wrote {', '.join(sorted(os.listdir(args.DATA_DIR)))} to {args.DATA_DIR}")

@@ -11,11 +11,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-
-def split_paths(data_dir, split):
-    """Paths of the image and mask arrays of one split ('train' or 'test')."""
-    return (os.path.join(data_dir, f"imgs_{split}.npy"),
-            os.path.join(data_dir, f"msks_{split}.npy"))
+from converter import split_paths
 
 
 def load_split(data_dir, split, image_size=None, channels=None):

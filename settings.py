@@ -21,9 +21,18 @@ SYNTHETIC_SHAPE = (240, 240, 155)  # the BraTS grid: 1 mm isotropic, axial slice
 SYNTHETIC_SEED = 2018
 
 # --- Conversion -----------------------------------------------------------------------------
+LAYOUT = "auto"  # or brats2017 (HGG/LGG), brats2020 (2020-2021), brats2023, msd (Decathlon)
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of the image arrays
 IMAGE_SIZE = 128  # each axial slice is brought to IMAGE_SIZE x IMAGE_SIZE
-CROP_SIZE = 192  # centre crop (voxels) before resampling; BraTS brains fit inside 192x192
+CROP_MODE = "center"  # "center": CROP_SIZE square at the grid centre (seed project), same
+#                       scale for every case; "brain_box": the brain's bounding square, more
+#                       pixels on the brain but a scale that differs between cases
+CROP_SIZE = 192  # side of the centre crop (voxels); BraTS brains fit inside 192x192
+SLICE_POLICY = "brain"  # "brain": only slices containing brain; "all": every axial slice
+LABEL_MODE = "whole_tumor"  # or "regions": whole tumor, tumor core, enhancing tumor channels
+IMAGE_DTYPE = "float16"  # float16 halves disk and I/O against float32; masks are uint8
+CONVERT_WORKERS = 0  # worker processes; 0 = one per available core
+STRICT = False  # True: fail (and write nothing) when any case is skipped
 TRAIN_FRACTION = 0.85  # share of *patients* in the training split
 SPLIT_SEED = 816  # the same seed always gives the same patient split
 

@@ -13,6 +13,7 @@ channels and a per-case intensity normalization, as with real data.
 """
 import argparse
 import gzip
+import json
 import os
 import time
 
@@ -21,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+import layouts
 import settings
 
 CASE_PREFIX = "BraTS20_Training_"
@@ -52,9 +54,13 @@ NOISE_LEVEL = 0.03  # noise standard deviation, in the units of the contrast tab
 GZIP_LEVEL = 1  # most of the volume is zeros: level 1 is almost as small and much faster
 
 
-def case_id(index):
-    """Folder and file prefix of case `index` (1-based), as in the BraTS 2020 release."""
-    return f"{CASE_PREFIX}{index:03d}"
+CASE_IDS = {"brats2017": "Brats17_{:03d}_1", "brats2020": CASE_PREFIX + "{:03d}",
+            "brats2023": "BraTS-GLI-{:05d}-000", "msd": "BRATS_{:03d}"}
+
+
+def case_id(index, layout="brats2020"):
+    """Folder and file prefix of case `index` (1-based), named as in that release."""
+    return CASE_IDS[layout].format(index)
 
 
 def _lattice(low, high, spacing):
@@ -243,13 +249,55 @@ def _save_nifti(volume, path):
     os.replace(temporary, path)
 
 
-def write_case(root, index, seed, shape=(240, 240, 155)):
-    """Write case `index` as root/BraTS20_Training_XXX/BraTS20_Training_XXX_<name>.nii.gz."""
-    folder = os.path.join(root, case_id(index))
-    os.makedirs(folder, exist_ok=True)
-    for name, volume in make_case(seed, shape).items():
-        _save_nifti(volume, os.path.join(folder, f"{case_id(index)}_{name}.nii.gz"))
-    return folder
+def _release_labels(seg, layout):
+    """Internal BraTS 2017-2020 labels -> the labels of the given release's convention."""
+    release = np.zeros_like(seg)
+    for release_label, internal_label in layouts.LAYOUTS[layout].label_map.items():
+        release[seg == internal_label] = release_label
+    return release
+
+
+def write_case(root, index, seed, shape=(240, 240, 155), layout="brats2020", with_labels=True):
+    """Write case `index` in the files and folders of `layout` (see layouts.py), e.g.
+    root/BraTS20_Training_001/BraTS20_Training_001_flair.nii.gz for brats2020. Without
+    labels it looks like a validation release. Returns the case folder (or image file)."""
+    volumes = make_case(seed, shape)
+    name = case_id(index, layout)
+    seg = _release_labels(volumes.pop("seg"), layout)
+    if layout == "msd":  # one 4-D image per case; labels in a parallel folder
+        image = np.stack([volumes[modality] for modality in layouts.MSD_CHANNELS], axis=-1)
+        paths = {"image": os.path.join(root, "imagesTr", f"{name}.nii.gz"),
+                 "seg": os.path.join(root, "labelsTr", f"{name}.nii.gz")}
+        volumes = {"image": image, "seg": seg} if with_labels else {"image": image}
+        written = paths["image"]
+    else:
+        spec = layouts.LAYOUTS[layout]
+        grade_folder = ("HGG" if index % 2 else "LGG") if layout == "brats2017" else ""
+        folder = os.path.join(root, grade_folder, name)
+        if with_labels:
+            volumes["seg"] = seg
+        paths = {kind: os.path.join(folder, f"{name}{spec.separator}{spec.file_names[kind]}.nii.gz")
+                 for kind in volumes}
+        written = folder
+    for kind, volume in volumes.items():
+        os.makedirs(os.path.dirname(paths[kind]), exist_ok=True)
+        _save_nifti(volume, paths[kind])
+    return written
+
+
+def _write_msd_dataset_json(root, num_cases, with_labels):
+    """The Decathlon's dataset.json, with the fields the real Task01 file has."""
+    description = {
+        "name": "BRATS", "tensorImageSize": "4D",
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor",
+                   "3": "enhancing tumour"},
+        "numTraining": num_cases if with_labels else 0,
+        "training": [{"image": f"./imagesTr/{case_id(i, 'msd')}.nii.gz",
+                      "label": f"./labelsTr/{case_id(i, 'msd')}.nii.gz"}
+                     for i in range(1, num_cases + 1)] if with_labels else []}
+    with open(os.path.join(root, "dataset.json"), "w") as file:
+        json.dump(description, file, indent=1)
 
 
 def _case_seed(seed, index):
@@ -258,10 +306,14 @@ def _case_seed(seed, index):
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def write_dataset(root, num_cases, seed, shape=(240, 240, 155)):
-    """Write cases 1..num_cases (overwriting) and return their folders."""
-    return [write_case(root, index, _case_seed(seed, index), shape)
-            for index in tqdm(range(1, num_cases + 1), desc="synthetic cases", unit="case")]
+def write_dataset(root, num_cases, seed, shape=(240, 240, 155), layout="brats2020",
+                  with_labels=True):
+    """Write cases 1..num_cases (overwriting) in `layout` and return their folders."""
+    written = [write_case(root, index, _case_seed(seed, index), shape, layout, with_labels)
+               for index in tqdm(range(1, num_cases + 1), desc="synthetic cases", unit="case")]
+    if layout == "msd":
+        _write_msd_dataset_json(root, num_cases, with_labels)
+    return written
 
 
 def main(argv=None):
@@ -272,11 +324,16 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=settings.SYNTHETIC_SEED)
     parser.add_argument("--shape", type=int, nargs=3, default=list(settings.SYNTHETIC_SHAPE),
                         metavar=("X", "Y", "Z"), help="grid size (the same head, resampled)")
+    parser.add_argument("--layout", default="brats2020", choices=sorted(layouts.LAYOUTS),
+                        help="the release whose folder and file names to write")
+    parser.add_argument("--no-labels", dest="with_labels", action="store_false",
+                        help="omit the label maps, like a validation release")
     args = parser.parse_args(argv)
     print(f"Synthetic BraTS: {args.num_cases} cases of {tuple(args.shape)} voxels, "
           f"seed {args.seed}, into {args.out_dir}")
     start = time.time()
-    folders = write_dataset(args.out_dir, args.num_cases, args.seed, tuple(args.shape))
+    folders = write_dataset(args.out_dir, args.num_cases, args.seed, tuple(args.shape),
+                            args.layout, args.with_labels)
     print(f"Wrote {len(folders)} cases to {os.path.abspath(args.out_dir)} "
           f"in {time.time() - start:.1f} s")
 

@@ -1,30 +1,47 @@
 """converter.py on small synthetic cases: arrays, normalization, patient split, manifest,
-broken cases, and outputs that appear only when complete."""
+every release layout, the conversion options, bad input, parallel = serial, interruption."""
 import gzip
-import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 
 import converter
 import data
-from conftest import NUM_CASES, SMALL_CROP_SIZE, SMALL_IMAGE_SIZE, SMALL_SHAPE, convert
+import layouts
+import preprocessing
+import synthetic_brats
+from conftest import NUM_CASES, REPO_DIR, SMALL_CROP_SIZE, SMALL_IMAGE_SIZE, SMALL_SHAPE, convert
+
+SMALL_OPTIONS = preprocessing.Preprocessing(SMALL_IMAGE_SIZE, SMALL_CROP_SIZE)
 
 
 def manifest(out_dir):
-    with open(os.path.join(out_dir, converter.MANIFEST)) as file:
-        return json.load(file)
+    return converter.load_manifest(out_dir)
 
+
+def read_arrays(out_dir):
+    """{file name: bytes} of every .npy in a converted folder."""
+    return {name: (out_dir / name).read_bytes() for name in sorted(os.listdir(out_dir))
+            if name.endswith(".npy")}
+
+
+# --- The default conversion --------------------------------------------------------------
 
 def test_arrays_have_expected_shapes_and_dtypes(converted_dir):
     for split in ("train", "test"):
         imgs, msks = data.load_split(converted_dir, split)
-        rows = sum(e["rows"][1] - e["rows"][0] for e in manifest(converted_dir)["splits"][split])
-        assert imgs.shape == (rows, SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE, 4)
-        assert msks.shape == (rows, SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE, 1)
-        assert imgs.dtype == np.float32 and msks.dtype == np.uint8
+        entries = manifest(converted_dir)["splits"][split]
+        assert len(imgs) == sum(len(entry["slices"]) for entry in entries)
+        assert imgs.shape[1:] == (SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE, 4)
+        assert msks.shape[1:] == (SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE, 1)
+        assert imgs.dtype == np.float16 and msks.dtype == np.uint8
         assert set(np.unique(msks)) <= {0, 1}
         assert np.isfinite(imgs).all()
 
@@ -37,20 +54,31 @@ def test_split_is_by_patient_and_covers_every_case(converted_dir):
     assert len(train | test) == NUM_CASES
     assert len(train) == round(0.85 * NUM_CASES)
     for entries in splits.values():  # rows are contiguous, in order, one block per case
+        assert entries[0]["rows"][0] == 0
         assert [e["rows"][0] for e in entries[1:]] == [e["rows"][1] for e in entries[:-1]]
-        assert all(e["rows"][1] - e["rows"][0] == SMALL_SHAPE[2] for e in entries)
+        assert all(e["rows"][1] - e["rows"][0] == len(e["slices"]) for e in entries)
 
 
 def test_manifest_rows_hold_that_case(converted_dir, raw_dir):
     entry = manifest(converted_dir)["splits"]["test"][0]
-    image, label = converter.load_case(converter.find_cases(str(raw_dir))[entry["case"]])
-    expected_imgs, expected_msks = converter.preprocess_case(
-        image, label, SMALL_CROP_SIZE, SMALL_IMAGE_SIZE)
+    _, cases = layouts.find_cases(str(raw_dir))
+    case = next(case for case in cases if case.case_id == entry["case"])
+    expected_imgs, expected_msks, geometry = preprocessing.preprocess_case(
+        *layouts.read_case(case), SMALL_OPTIONS)
     imgs, msks = data.load_split(converted_dir, "test")
     first, end = entry["rows"]
     np.testing.assert_array_equal(imgs[first:end], expected_imgs)
     np.testing.assert_array_equal(msks[first:end], expected_msks)
     assert msks[first:end].any(), "the whole-tumor mask of a synthetic case is not empty"
+    assert entry["slices"] == geometry["slices"] and entry["shape"] == list(SMALL_SHAPE)
+
+
+def test_manifest_records_layout_labels_and_preprocessing(converted_dir):
+    content = manifest(converted_dir)
+    assert content["layout"] == "brats2020"
+    assert content["label_map"] == {"0": 0, "1": 1, "2": 2, "4": 4}
+    assert content["preprocessing"]["image_size"] == SMALL_IMAGE_SIZE
+    assert content["targets"] == ["whole_tumor"] and content["skipped"] == []
 
 
 def test_split_is_deterministic_for_a_seed():
@@ -61,38 +89,202 @@ def test_split_is_deterministic_for_a_seed():
     assert len(train) == 1 and len(test) == 1  # never an empty test split
 
 
+# --- Preprocessing --------------------------------------------------------------------------
+
 def test_normalize_zscores_brain_voxels_and_keeps_background_zero():
     rng = np.random.default_rng(0)
     image = np.zeros((10, 10, 4, 2), np.float32)
     image[2:8, 2:8] = rng.normal([300.0, 1200.0], [40.0, 90.0], size=(6, 6, 4, 2))
-    normalized = converter.normalize(image)
+    normalized = preprocessing.normalize(image)
     brain = normalized[2:8, 2:8].reshape(-1, 2)
     np.testing.assert_allclose(brain.mean(axis=0), 0, atol=1e-5)
     np.testing.assert_allclose(brain.std(axis=0), 1, atol=1e-5)
     assert not normalized[:2].any() and not normalized[8:].any()
 
 
-def test_to_slices_crops_centre_and_resamples():
+def test_slices_are_cropped_resampled_and_put_back():
     volume = np.zeros((60, 60, 3, 1), np.float32)
     volume[20:40, 20:40] = 1  # a centred square, half the 40-voxel crop
-    slices = converter.to_slices(volume, crop_size=40, image_size=20, order=0)
+    box = preprocessing.crop_box(volume[..., 0] > 0, "center", 40)
+    assert box == (10, 10, 40)
+    slices = preprocessing.to_slices(volume, box, image_size=20, order=0)
     assert slices.shape == (3, 20, 20, 1)
     assert slices[0, 5:15, 5:15].all() and slices[0].sum() == 100
+    np.testing.assert_array_equal(preprocessing.from_slices(slices, box, (60, 60), order=0),
+                                  volume)
 
 
-def break_case(case_dir, kind, how):
-    path = next(os.path.join(case_dir, f) for f in os.listdir(case_dir) if f"_{kind}." in f)
-    if how == "missing":
-        os.remove(path)
-    elif how == "truncated":
-        with open(path, "rb") as file:
-            head = file.read(2000)
-        with open(path, "wb") as file:
-            file.write(head)
-    elif how == "not_gzip":
-        with open(path, "wb") as file:
-            file.write(b"this is not a NIfTI file")
-    return path
+def test_resampling_matches_scipy_zoom():
+    import scipy.ndimage
+    volume = np.random.default_rng(0).random((24, 24, 2, 3)).astype(np.float32)
+    expected = scipy.ndimage.zoom(volume, (16 / 24, 16 / 24, 1, 1), order=1, grid_mode=True,
+                                  mode="nearest").transpose(2, 0, 1, 3)
+    np.testing.assert_allclose(preprocessing.to_slices(volume, (0, 0, 24), 16, order=1),
+                               expected, atol=1e-5)
+
+
+def test_brain_box_crops_to_the_brain():
+    brain = np.zeros((60, 60, 4), bool)
+    brain[10:30, 25:41, 1:3] = True  # 20 x 16 in-plane
+    assert preprocessing.crop_box(brain, "brain_box", 192) == (10, 23, 20)
+    assert list(preprocessing.selected_slices(brain, "brain")) == [1, 2]
+    assert list(preprocessing.selected_slices(brain, "all")) == [0, 1, 2, 3]
+
+
+def test_region_targets_are_nested():
+    labels = np.array([0, 1, 2, 4]).reshape(1, 1, 4)
+    regions = preprocessing.targets(labels, "regions")[0, 0]
+    # channels: whole tumor, tumor core, enhancing tumor
+    np.testing.assert_array_equal(regions, [[0, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+
+
+def test_options_change_the_arrays(raw_dir, tmp_path):
+    convert(raw_dir, tmp_path / "options", "--label-mode", "regions", "--slice-policy", "all",
+            "--crop-mode", "brain_box", "--image-dtype", "float32")
+    imgs, msks = data.load_split(tmp_path / "options", "train")
+    entries = manifest(tmp_path / "options")["splits"]["train"]
+    assert imgs.dtype == np.float32 and msks.shape[-1] == 3
+    assert len(imgs) == len(entries) * SMALL_SHAPE[2]  # every slice
+    whole_tumor, core, enhancing = (msks[..., k].astype(bool) for k in range(3))
+    assert not (core & ~whole_tumor).any() and not (enhancing & ~core).any()
+    assert enhancing.any()
+    top, left, side = entries[0]["crop_box"]
+    assert side < min(SMALL_SHAPE[:2])  # the brain box is smaller than the grid
+
+
+def test_bad_option_is_a_clear_error(raw_dir, tmp_path):
+    with pytest.raises(SystemExit, match="'sagittal' is not one of"):
+        convert(raw_dir, tmp_path / "out", "--slice-policy", "sagittal")
+
+
+# --- Layouts -------------------------------------------------------------------------------
+
+def write_release(root, layout, num_cases=3, **kwargs):
+    synthetic_brats.write_dataset(str(root), num_cases, seed=11, shape=SMALL_SHAPE,
+                                  layout=layout, **kwargs)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference_release(tmp_path_factory):
+    """The brats2020 conversion of the cases every layout test writes."""
+    root = write_release(tmp_path_factory.mktemp("brats2020"), "brats2020")
+    out_dir = tmp_path_factory.mktemp("reference")
+    convert(root, out_dir, "--label-mode", "regions")
+    return read_arrays(out_dir)
+
+
+@pytest.mark.parametrize("layout", ["brats2017", "brats2023", "msd"])
+def test_every_layout_converts_to_the_same_arrays(layout, reference_release, tmp_path):
+    """Same synthetic cases written in another release's names and label convention: after
+    detection and label mapping the arrays are identical (three regions: labels matter)."""
+    root = write_release(tmp_path / layout, layout)
+    convert(root, tmp_path / "out", "--label-mode", "regions")
+    content = manifest(tmp_path / "out")
+    assert content["layout"] == layout
+    assert content["label_map"] == {str(k): v for k, v in layouts.LAYOUTS[layout].label_map.items()}
+    assert read_arrays(tmp_path / "out") == reference_release
+
+
+def test_uncompressed_nii_and_the_brats2020_case_355_label_name(reference_release, tmp_path):
+    root = write_release(tmp_path / "raw", "brats2020")
+    folder = root / synthetic_brats.case_id(1)
+    for path in folder.iterdir():  # every file of case 1 as plain .nii
+        (folder / path.name.replace(".nii.gz", ".nii")).write_bytes(gzip.decompress(path.read_bytes()))
+        path.unlink()
+    os.rename(folder / f"{synthetic_brats.case_id(1)}_seg.nii", folder / "W39_1998.09.19_Segm.nii")
+    convert(root, tmp_path / "out", "--label-mode", "regions")
+    assert manifest(tmp_path / "out")["skipped"] == []
+    assert read_arrays(tmp_path / "out") == reference_release
+
+
+def test_a_release_without_labels_converts_images_only(tmp_path):
+    root = write_release(tmp_path / "validation", "brats2023", with_labels=False)
+    convert(root, tmp_path / "out")
+    content = manifest(tmp_path / "out")
+    assert content["has_masks"] is False and content["splits"]["train"] == []
+    assert len(content["splits"]["test"]) == 3
+    assert sorted(os.listdir(tmp_path / "out")) == ["imgs_test.npy", "imgs_train.npy",
+                                                    "manifest.json"]
+
+
+def test_a_folder_of_no_known_layout_says_what_was_expected(tmp_path):
+    (tmp_path / "raw" / "scans").mkdir(parents=True)
+    (tmp_path / "raw" / "notes.txt").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        convert(tmp_path / "raw", tmp_path / "out")
+    message = str(exit_info.value)
+    assert "no BraTS layout recognized" in message and "brats2023" in message
+    assert "Found: notes.txt, scans" in message
+
+
+def test_empty_root_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no BraTS layout recognized"):
+        convert(tmp_path, tmp_path / "out")
+
+
+# --- Bad input -----------------------------------------------------------------------------
+
+def save(path, array):
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+
+
+def file_of(folder, kind):
+    return next(folder / name for name in os.listdir(folder) if f"_{kind}." in name)
+
+
+def truncate(folder):
+    path = file_of(folder, "flair")
+    path.write_bytes(path.read_bytes()[:2000])
+    return path, "unreadable NIfTI"
+
+
+def corrupt_body(folder):
+    """A valid header before a cut-short body: passes the sizing pass, fails on reading."""
+    path = file_of(folder, "t1ce")
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:len(raw) // 2]))
+    return path, "unreadable NIfTI"
+
+
+def remove_modality(folder):
+    path = file_of(folder, "t2")
+    path.unlink()
+    return path, "file not found"
+
+
+def remove_label(folder):
+    path = file_of(folder, "seg")
+    path.unlink()
+    return folder, "label map missing"
+
+
+def mismatch_shape(folder):
+    path = file_of(folder, "t1")
+    save(path, np.ones((40, 48, 24), np.int16))
+    return path, "differs from"
+
+
+def nan_voxels(folder):
+    path = file_of(folder, "flair")
+    volume = np.asarray(nib.load(path).dataobj, np.float32)
+    volume[10, 10, 10] = np.nan
+    save(path, volume)
+    return path, "NaN or infinite"
+
+
+def unknown_label(folder):
+    path = file_of(folder, "seg")
+    labels = np.asarray(nib.load(path).dataobj).astype(np.uint8)
+    labels[0, 0, 0] = 7
+    save(path, labels)
+    return path, "label values [7] outside"
+
+
+def four_dimensional(folder):
+    path = file_of(folder, "t2")
+    save(path, np.ones((*SMALL_SHAPE, 2), np.int16))
+    return path, "expected a 3-D volume"
 
 
 @pytest.fixture()
@@ -102,59 +294,88 @@ def raw_copy(raw_dir, tmp_path):
     return copy
 
 
-def test_broken_cases_are_skipped_with_the_file_named(raw_copy, tmp_path, capsys):
+@pytest.mark.parametrize("damage", [truncate, corrupt_body, remove_modality, remove_label,
+                                    mismatch_shape, nan_voxels, unknown_label, four_dimensional])
+def test_a_bad_case_is_skipped_with_the_file_and_problem_named(raw_copy, tmp_path, capsys,
+                                                               damage):
     cases = sorted(os.listdir(raw_copy))
-    truncated = break_case(raw_copy / cases[0], "flair", "truncated")
-    missing = break_case(raw_copy / cases[1], "t2", "missing")
-    out_dir = tmp_path / "out"
-    convert(raw_copy, out_dir)
+    named_path, problem = damage(raw_copy / cases[0])
+    convert(raw_copy, tmp_path / "out")
     output = capsys.readouterr().out
-    assert truncated in output and missing in output
-    skipped = {entry["case"]: entry["error"] for entry in manifest(out_dir)["skipped"]}
-    assert set(skipped) == {cases[0], cases[1]}
-    assert missing in skipped[cases[1]] and "not found" in skipped[cases[1]]
-    converted = [e["case"] for split in manifest(out_dir)["splits"].values() for e in split]
-    assert sorted(converted) == cases[2:]
-    imgs, _ = data.load_split(out_dir, "train")
-    assert len(imgs) == sum(e["rows"][1] - e["rows"][0]
-                            for e in manifest(out_dir)["splits"]["train"])
-    assert not [f for f in os.listdir(out_dir) if ".partial" in f or ".trimmed" in f]
-
-
-def test_a_case_that_fails_after_allocation_leaves_no_gap(raw_copy, tmp_path):
-    """A corrupt body behind a valid header passes the sizing pass and fails on read: the
-    arrays must be trimmed to the slices actually written."""
-    case = sorted(os.listdir(raw_copy))[0]
-    path = next(p for p in (raw_copy / case).iterdir() if "_t1ce." in p.name)
-    raw = gzip.decompress(path.read_bytes())
-    path.write_bytes(gzip.compress(raw[:len(raw) // 2]))  # header intact, voxels cut short
-    out_dir = tmp_path / "out"
-    convert(raw_copy, out_dir)
-    assert [e["case"] for e in manifest(out_dir)["skipped"]] == [case]
-    cases = converter.find_cases(str(raw_copy))
-    for split, entries in manifest(out_dir)["splits"].items():
-        imgs, msks = data.load_split(out_dir, split)
+    skipped = {entry["case"]: entry["error"] for entry in manifest(tmp_path / "out")["skipped"]}
+    assert list(skipped) == [cases[0]]
+    assert str(named_path) in skipped[cases[0]] and problem in skipped[cases[0]]
+    assert f"skipped {cases[0]}: {skipped[cases[0]]}" in output
+    converted = [e["case"] for split in manifest(tmp_path / "out")["splits"].values() for e in split]
+    assert sorted(converted) == cases[1:]
+    for split, entries in manifest(tmp_path / "out")["splits"].items():
+        imgs, msks = data.load_split(tmp_path / "out", split)  # no gap left by the bad case
         assert len(imgs) == len(msks) == entries[-1]["rows"][1]
-        last = entries[-1]  # its rows sit right after the others': no gap was left
-        expected_imgs, _ = converter.preprocess_case(
-            *converter.load_case(cases[last["case"]]), SMALL_CROP_SIZE, SMALL_IMAGE_SIZE)
-        np.testing.assert_array_equal(imgs[last["rows"][0]:last["rows"][1]], expected_imgs)
+    assert not [f for f in os.listdir(tmp_path / "out") if ".partial" in f]
+
+
+def test_a_3d_file_where_the_decathlon_expects_4d(tmp_path):
+    root = write_release(tmp_path / "msd", "msd")
+    path = root / "imagesTr" / "BRATS_002.nii.gz"
+    save(path, np.ones(SMALL_SHAPE, np.int16))
+    convert(root, tmp_path / "out")
+    [skipped] = manifest(tmp_path / "out")["skipped"]
+    assert str(path) in skipped["error"] and "expected a 4-D volume" in skipped["error"]
+
+
+def test_two_cases_with_the_same_id_are_both_skipped(tmp_path):
+    root = write_release(tmp_path / "raw", "brats2017", num_cases=4)
+    shutil.copytree(root / "HGG" / "Brats17_001_1", root / "LGG" / "Brats17_001_1")
+    convert(root, tmp_path / "out")
+    skipped = manifest(tmp_path / "out")["skipped"]
+    assert [entry["case"] for entry in skipped] == ["Brats17_001_1", "Brats17_001_1"]
+    assert "appears 2 times" in skipped[0]["error"] and "HGG" in skipped[0]["error"]
 
 
 def test_nothing_converted_fails_and_writes_nothing(raw_copy, tmp_path):
     for case in os.listdir(raw_copy):
-        break_case(raw_copy / case, "seg", "not_gzip")
+        file_of(raw_copy / case, "seg").write_bytes(b"this is not a NIfTI file")
+    with pytest.raises(SystemExit, match="could not be converted"):
+        convert(raw_copy, tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_strict_fails_on_any_skipped_case_and_writes_nothing(raw_copy, tmp_path):
+    remove_modality(raw_copy / sorted(os.listdir(raw_copy))[0])
+    with pytest.raises(SystemExit, match="--strict"):
+        convert(raw_copy, tmp_path / "out", "--strict", "true")
+    assert os.listdir(tmp_path / "out") == []
+
+
+# --- Parallel and interrupted runs ------------------------------------------------------------
+
+def test_parallel_output_is_byte_identical_to_serial(raw_dir, tmp_path):
+    convert(raw_dir, tmp_path / "serial", "--workers", "1")
+    convert(raw_dir, tmp_path / "parallel", "--workers", "3")
+    assert read_arrays(tmp_path / "serial") == read_arrays(tmp_path / "parallel")
+    assert manifest(tmp_path / "serial")["splits"] == manifest(tmp_path / "parallel")["splits"]
+
+
+def test_an_interrupted_run_leaves_nothing_that_looks_complete(tmp_path):
+    root = write_release(tmp_path / "raw", "brats2020", num_cases=12)
     out_dir = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        convert(raw_copy, out_dir)
-    assert "could be converted" in str(exit_info.value)
-    assert os.listdir(out_dir) == []
+    command = [sys.executable, "converter.py", "--raw-dir", str(root), "--out-dir", str(out_dir),
+               "--workers", "1", "--image-size", "32", "--crop-size", "48"]
+    process = subprocess.Popen(command, cwd=REPO_DIR, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    partial = out_dir / "imgs_train.partial.npy"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (partial.exists() and partial.stat().st_size > 40000):
+        time.sleep(0.01)  # wait until some cases are written, then kill mid-way
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert partial.exists(), "the run was killed before it wrote anything"
+    assert not {"manifest.json", "imgs_train.npy", "imgs_test.npy"} & set(os.listdir(out_dir))
 
-
-def test_empty_root_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        convert(tmp_path, tmp_path / "out")
-    assert str(tmp_path) in str(exit_info.value) and "no BraTS case" in str(exit_info.value)
+    subprocess.run(command, cwd=REPO_DIR, check=True, capture_output=True)
+    convert(root, tmp_path / "clean")
+    assert read_arrays(out_dir) == read_arrays(tmp_path / "clean")
+    assert sorted(os.listdir(out_dir)) == sorted(os.listdir(tmp_path / "clean"))
 
 
 def test_flags_override_settings_and_default_to_them():

@@ -1,0 +1,225 @@
+"""The folder layouts of the BraTS releases, and reading one case of any of them.
+
+Every release holds the same four MRI contrasts and a label map, under different names:
+
+    brats2017  BraTS 2017-2019: HGG/ and LGG/ folders of cases, <case>_{flair,t1,t1ce,t2,seg}
+    brats2020  BraTS 2020-2021: flat case folders, same file names as 2017-2019
+    brats2023  BraTS 2023 glioma: <case>-{t2f,t1n,t1c,t2w,seg}, enhancing tumor is label 3
+    msd        Medical Segmentation Decathlon Task01_BrainTumour: imagesTr/<case>.nii.gz, one
+               4-D file (FLAIR, T1w, T1gd, T2w), labelsTr/ with 1 edema, 2 non-enhancing
+               tumor, 3 enhancing tumor, and dataset.json
+
+Whatever the release, a case is read as volumes in settings.MODALITIES order (flair, t1,
+t1ce, t2) and labels in the BraTS 2017-2020 convention used everywhere else in this project:
+1 necrotic and non-enhancing core, 2 edema, 4 enhancing tumor. Each file may be .nii.gz or .nii.
+"""
+import dataclasses
+import glob
+import os
+
+import nibabel as nib
+import numpy as np
+
+from settings import MODALITIES
+
+MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")  # FLAIR, T1w, T1gd, T2w in the 4-D files
+INTERNAL_LABELS = {0: "background", 1: "necrotic and non-enhancing core", 2: "edema",
+                   4: "enhancing tumor"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    name: str
+    description: str
+    file_names: dict  # modality or "seg" -> name suffix after the case id (not for msd)
+    separator: str  # between the case id and the suffix
+    label_map: dict  # label in the release -> internal label
+
+
+_CLASSIC_NAMES = {"flair": "flair", "t1": "t1", "t1ce": "t1ce", "t2": "t2", "seg": "seg"}
+_IDENTITY = {0: 0, 1: 1, 2: 2, 4: 4}
+LAYOUTS = {layout.name: layout for layout in (
+    Layout("brats2017", "BraTS 2017-2019: HGG/ and LGG/ folders of <case>/<case>_flair.nii.gz ...",
+           _CLASSIC_NAMES, "_", _IDENTITY),
+    Layout("brats2020", "BraTS 2020-2021: case folders <case>/<case>_flair.nii.gz ...",
+           _CLASSIC_NAMES, "_", _IDENTITY),
+    Layout("brats2023", "BraTS 2023 glioma: case folders <case>/<case>-t2f.nii.gz ...",
+           {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w", "seg": "seg"}, "-",
+           {0: 0, 1: 1, 2: 2, 3: 4}),
+    Layout("msd", "Decathlon Task01_BrainTumour: dataset.json, imagesTr/<case>.nii.gz (4-D), "
+           "labelsTr/<case>.nii.gz", {}, "", {0: 0, 1: 2, 2: 1, 3: 4}),
+)}
+
+
+class CaseError(Exception):
+    """A case that cannot be read; the message names the file and the problem."""
+
+
+class LayoutError(Exception):
+    """A folder that matches no known layout."""
+
+
+@dataclasses.dataclass
+class Case:
+    case_id: str
+    layout: str
+    images: dict  # modality -> path; for msd, every modality maps to the one 4-D file
+    label: str = None  # None: no label map (validation data)
+    problem: str = None  # set when the case is known to be unusable before reading it
+
+
+def _nifti(folder, stem):
+    """The path of stem.nii.gz or stem.nii in folder, or None."""
+    for extension in (".nii.gz", ".nii"):
+        path = os.path.join(folder, stem + extension)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _case_folders(root, layout):
+    if layout == "brats2017":
+        return sorted(glob.glob(os.path.join(root, "[HL]GG", "*", "")))
+    return sorted(glob.glob(os.path.join(root, "*", "")))
+
+
+def detect_layout(root):
+    """The layout of a release folder, from the names in it."""
+    if not os.path.isdir(root):
+        raise LayoutError(f"{root}: not a folder")
+    entries = sorted(os.listdir(root))
+    if "imagesTr" in entries or ("dataset.json" in entries and "imagesTs" in entries):
+        return "msd"
+    if "HGG" in entries or "LGG" in entries:
+        return "brats2017"
+    for name in ("brats2023", "brats2020"):
+        layout = LAYOUTS[name]
+        for folder in _case_folders(root, name):
+            case_id = os.path.basename(os.path.normpath(folder))
+            if _nifti(folder, case_id + layout.separator + layout.file_names["flair"]):
+                return name
+    expected = "\n".join(f"  {layout.name}: {layout.description}" for layout in LAYOUTS.values())
+    found = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "") if entries else "nothing"
+    raise LayoutError(f"{root}: no BraTS layout recognized.\nExpected one of:\n{expected}\n"
+                      f"Found: {found}")
+
+
+def _label_file(folder, case_id, layout):
+    """The label map of a case folder. BraTS 2020 case 355 names it W39_1998.09.19_Segm.nii,
+    so a lone *Segm* file is accepted too."""
+    path = _nifti(folder, case_id + layout.separator + layout.file_names["seg"])
+    if path is None:
+        quirks = glob.glob(os.path.join(folder, "*[Ss]egm.nii*"))
+        path = quirks[0] if len(quirks) == 1 else None
+    return path
+
+
+def _folder_cases(root, layout):
+    cases = []
+    for folder in _case_folders(root, layout.name):
+        case_id = os.path.basename(os.path.normpath(folder))
+        images = {}
+        for modality in MODALITIES:
+            stem = case_id + layout.separator + layout.file_names[modality]
+            images[modality] = _nifti(folder, stem) or os.path.join(folder, stem + ".nii.gz")
+        cases.append(Case(case_id, layout.name, images, _label_file(folder, case_id, layout)))
+    return cases
+
+
+def _msd_cases(root):
+    cases = []
+    for path in sorted(glob.glob(os.path.join(root, "imagesTr", "*.nii*"))):
+        name = os.path.basename(path)
+        if name.startswith("."):  # macOS resource forks ship inside the Decathlon tarball
+            continue
+        case_id = name.split(".nii")[0]
+        label = _nifti(os.path.join(root, "labelsTr"), case_id)
+        cases.append(Case(case_id, "msd", {modality: path for modality in MODALITIES}, label))
+    return cases
+
+
+def find_cases(root, layout="auto"):
+    """(layout name, [Case]) for a release folder. Cases sharing an ID are all marked with a
+    problem: which of them is the right one cannot be known. In a release where some cases
+    have label maps, a case without one is marked too; a release where none has labels is
+    validation data and converts without."""
+    name = detect_layout(root) if layout == "auto" else layout
+    if name not in LAYOUTS:
+        raise LayoutError(f"unknown layout {name!r}; known: auto, {', '.join(LAYOUTS)}")
+    cases = _msd_cases(root) if name == "msd" else _folder_cases(root, LAYOUTS[name])
+    by_id = {}
+    for case in cases:
+        by_id.setdefault(case.case_id, []).append(case)
+    for duplicates in (group for group in by_id.values() if len(group) > 1):
+        folders = [os.path.dirname(case.images[MODALITIES[0]]) for case in duplicates]
+        for case in duplicates:
+            case.problem = f"case ID {case.case_id} appears {len(duplicates)} times: {', '.join(folders)}"
+    if any(case.label for case in cases):
+        for case in cases:
+            if not case.label and not case.problem:
+                folder = os.path.dirname(case.images[MODALITIES[0]])
+                case.problem = f"{folder}: label map missing (other cases of this release have one)"
+    return name, cases
+
+
+def read_volume(path, ndim=3):
+    """A float32 volume with `ndim` dimensions, or CaseError naming the file and problem."""
+    if not os.path.exists(path):
+        raise CaseError(f"{path}: file not found")
+    try:
+        volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    except Exception as error:  # nibabel and gzip raise many types for damaged files
+        raise CaseError(f"{path}: unreadable NIfTI ({type(error).__name__}: {error})") from error
+    if volume.ndim != ndim:
+        raise CaseError(f"{path}: expected a {ndim}-D volume, got shape {volume.shape}")
+    if not np.isfinite(volume).all():
+        raise CaseError(f"{path}: contains NaN or infinite voxels")
+    return volume
+
+
+def read_images(case):
+    """[X, Y, Z, len(MODALITIES)] float32, channels in MODALITIES order."""
+    if case.layout == "msd":
+        image = read_volume(case.images[MODALITIES[0]], ndim=4)
+        if image.shape[3] != len(MSD_CHANNELS):
+            raise CaseError(f"{case.images[MODALITIES[0]]}: expected {len(MSD_CHANNELS)} channels "
+                            f"(FLAIR, T1w, T1gd, T2w), got {image.shape[3]}")
+        return image[..., [MSD_CHANNELS.index(modality) for modality in MODALITIES]]
+    channels = [read_volume(case.images[modality]) for modality in MODALITIES]
+    for modality, channel in zip(MODALITIES, channels):
+        if channel.shape != channels[0].shape:
+            raise CaseError(f"{case.images[modality]}: shape {channel.shape} differs from "
+                            f"{case.images[MODALITIES[0]]} {channels[0].shape}")
+    return np.stack(channels, axis=-1)
+
+
+def read_labels(case, shape):
+    """The label map in the internal convention, or CaseError for unknown values."""
+    labels = read_volume(case.label)
+    if labels.shape != shape:
+        raise CaseError(f"{case.label}: shape {labels.shape} differs from the images' {shape}")
+    label_map = LAYOUTS[case.layout].label_map
+    values = np.unique(labels)
+    unknown = sorted(set(values.astype(int).tolist()) - set(label_map)) if np.all(
+        values == np.round(values)) else values.tolist()
+    if unknown:
+        raise CaseError(f"{case.label}: label values {unknown} outside the {case.layout} set "
+                        f"{sorted(label_map)}")
+    lookup = np.zeros(max(label_map) + 1, np.uint8)
+    for release_label, internal_label in label_map.items():
+        lookup[release_label] = internal_label
+    return lookup[labels.astype(np.int64)]
+
+
+def read_case(case):
+    """(image [X, Y, Z, 4] float32, labels [X, Y, Z] uint8 or None); CaseError if unusable."""
+    if case.problem:
+        raise CaseError(case.problem)
+    image = read_images(case)
+    labels = read_labels(case, image.shape[:3]) if case.label else None
+    return image, labels
+
+
+def reference_image(case):
+    """The NIfTI whose grid (shape, affine, header) a segmentation of this case must match."""
+    return nib.load(case.images[MODALITIES[0]])

@@ -1,0 +1,129 @@
+"""From a case's volumes to model-ready slices, and back again.
+
+One code path for the converter (training arrays) and inference (segmenting new cases), so
+a model always sees data prepared exactly as it was trained on. The steps, and why:
+
+1. z-score each modality over the brain: MRI intensities have no absolute scale.
+2. choose the axial slices (all, or only those containing brain: the rest are empty).
+3. crop each slice to a square: the centre of the grid (as the seed project did), or the
+   brain's bounding box (more pixels on the brain, but the scale then differs per case).
+4. resample the square to IMAGE_SIZE x IMAGE_SIZE (linear for images, nearest for labels).
+5. labels become target channels: whole tumor, or the three BraTS regions.
+"""
+import dataclasses
+
+import numpy as np
+import scipy.ndimage
+
+LABEL_MODES = {
+    # name -> target channels, each the set of internal labels (1 core, 2 edema, 4 enhancing)
+    "whole_tumor": {"whole_tumor": (1, 2, 4)},
+    "regions": {"whole_tumor": (1, 2, 4), "tumor_core": (1, 4), "enhancing_tumor": (4,)},
+}
+SLICE_POLICIES = ("brain", "all")
+CROP_MODES = ("center", "brain_box")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """Everything that decides what a slice looks like; stored in the manifest, so inference
+    can prepare new cases the way the training data was prepared."""
+    image_size: int = 128
+    crop_size: int = 192
+    crop_mode: str = "center"
+    slice_policy: str = "brain"
+    label_mode: str = "whole_tumor"
+    image_dtype: str = "float16"
+
+    def __post_init__(self):
+        for value, allowed in ((self.crop_mode, CROP_MODES), (self.slice_policy, SLICE_POLICIES),
+                               (self.label_mode, LABEL_MODES),
+                               (self.image_dtype, ("float16", "float32"))):
+            if value not in allowed:
+                raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+
+    @property
+    def target_names(self):
+        return tuple(LABEL_MODES[self.label_mode])
+
+
+def normalize(image):
+    """Z-scores each modality over the brain (voxels non-zero in any modality); the
+    background stays 0."""
+    brain = image.any(axis=-1)
+    normalized = np.zeros_like(image)
+    for channel in range(image.shape[-1]):
+        values = image[..., channel][brain]
+        std = values.std() if values.size else 0.0
+        normalized[..., channel][brain] = (values - values.mean()) / (std or 1.0)
+    return normalized
+
+
+def selected_slices(brain, policy):
+    """Indices of the axial slices to keep."""
+    if policy == "all":
+        return np.arange(brain.shape[2])
+    return np.flatnonzero(brain.any(axis=(0, 1)))
+
+
+def crop_box(brain, crop_mode, crop_size):
+    """(top, left, side) of the square each axial slice is cropped to."""
+    height, width = brain.shape[:2]
+    if crop_mode == "center" or not brain.any():
+        side = min(crop_size, height, width)
+        return (height - side) // 2, (width - side) // 2, side
+    rows = np.flatnonzero(brain.any(axis=(1, 2)))
+    cols = np.flatnonzero(brain.any(axis=(0, 2)))
+    side = min(max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1, height, width)
+    top = int(np.clip((rows[0] + rows[-1] + 1 - side) // 2, 0, height - side))
+    left = int(np.clip((cols[0] + cols[-1] + 1 - side) // 2, 0, width - side))
+    return top, left, int(side)
+
+
+def _resampling_matrix(size_in, size_out, order):
+    """Rows hold the weights scipy.ndimage.zoom uses along one axis. Resampling every slice
+    is then two matrix products, which measured 3.7x faster than zooming the 4-D array."""
+    identity = np.eye(size_in, dtype=np.float32)
+    return scipy.ndimage.zoom(identity, (size_out / size_in, 1), order=order, grid_mode=True,
+                              mode="nearest")
+
+
+def to_slices(volume, box, image_size, order):
+    """[X, Y, Z, C] -> [Z, S, S, C]: crops the box from each axial slice, resamples it."""
+    top, left, side = box
+    cropped = volume[top:top + side, left:left + side].astype(np.float32)
+    matrix = _resampling_matrix(side, image_size, order)
+    return np.einsum("ix,xyzc,jy->zijc", matrix, cropped, matrix, optimize=True)
+
+
+def from_slices(slices, box, shape, order):
+    """The inverse of to_slices: [Z, S, S, C] -> [X, Y, Z, C] on the original grid of `shape`
+    (X, Y), zeros outside the crop box."""
+    top, left, side = box
+    matrix = _resampling_matrix(slices.shape[1], side, order)
+    volume = np.zeros((*shape, slices.shape[0], slices.shape[3]), np.float32)
+    volume[top:top + side, left:left + side] = np.einsum(
+        "xi,zijc,yj->xyzc", matrix, slices.astype(np.float32), matrix, optimize=True)
+    return volume
+
+
+def targets(labels, label_mode):
+    """[X, Y, Z] internal labels -> [X, Y, Z, K] uint8 target channels."""
+    return np.stack([np.isin(labels, members) for members in LABEL_MODES[label_mode].values()],
+                    axis=-1).astype(np.uint8)
+
+
+def preprocess_case(image, labels, options):
+    """Model-ready (imgs [N, S, S, C], msks [N, S, S, K] uint8 or None, geometry), where
+    geometry records the kept slices and the crop box, which inference needs to put
+    predictions back on the original grid."""
+    brain = image.any(axis=-1)
+    slices = selected_slices(brain, options.slice_policy)
+    box = crop_box(brain, options.crop_mode, options.crop_size)
+    imgs = to_slices(normalize(image)[:, :, slices], box, options.image_size, order=1)
+    geometry = {"slices": slices.tolist(), "crop_box": list(box)}
+    if labels is None:
+        return imgs.astype(options.image_dtype), None, geometry
+    msks = to_slices(targets(labels[:, :, slices], options.label_mode), box,
+                     options.image_size, order=0)
+    return imgs.astype(options.image_dtype), msks.astype(np.uint8), geometry
