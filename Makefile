@@ -16,7 +16,7 @@ demo: setup
 	$(PYTHON) converter.py --raw-dir $(DEMO_RAW) --out-dir $(DEMO_DATA)
 	./run_multinode.sh -- --data-dir $(DEMO_DATA) --output-dir runs/train
 	$(PYTHON) inference.py --data-dir $(DEMO_DATA) --checkpoint runs/train/model.keras \
-		--output-dir runs/inference
+		--output-dir runs/inference --overwrite
 
 test: setup
 	$(PYTHON) -m pytest -q tests

@@ -144,6 +144,13 @@ def num_slices(case):
     return nib.load(case.images[settings.MODALITIES[0]]).shape[2]
 
 
+def grid(case):
+    """Shape and voxel spacing (mm) of a case's scans, from the header."""
+    header = nib.load(case.images[settings.MODALITIES[0]]).header
+    return {"shape": [int(n) for n in header.get_data_shape()[:3]],
+            "spacing": [float(mm) for mm in header.get_zooms()[:3]]}
+
+
 def convert_split(split, cases, options, out_dir, workers, with_masks, skipped):
     """Fills temporary imgs_<split>.npy (and msks_<split>.npy); returns the manifest entries
     and the writers, which the caller finishes or discards once every split is done."""
@@ -173,8 +180,7 @@ def convert_split(split, cases, options, out_dir, workers, with_masks, skipped):
         first_row = writers[0].rows
         entries.append({"case": case.case_id, "rows": [first_row, first_row + len(imgs)],
                         "images": sorted(set(case.images.values())), "label": case.label,
-                        "shape": list(nib.load(case.images[settings.MODALITIES[0]]).shape[:3]),
-                        **geometry})
+                        **grid(case), **geometry})
         writers[0].append(imgs)
         if with_masks:
             writers[1].append(msks)

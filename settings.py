@@ -74,4 +74,5 @@ HOSTS_FILE = os.path.join(_HERE, "hosts.txt")
 # --- Inference -----------------------------------------------------------------------------
 CHECKPOINT = os.path.join(OUTPUT_DIR, "model.keras")
 INFERENCE_BATCH_SIZE = 64
-NUM_FIGURES = 4  # PNG figures of test slices with the largest tumors
+INFERENCE_PRECISION = "auto"  # "auto": bfloat16 where the CPU has it (AMX / AVX512_BF16)
+NUM_FIGURES = 4  # PNG montages of this many scored cases

@@ -39,3 +39,26 @@ def converted_dir(raw_dir, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("converted")
     convert(raw_dir, out_dir)
     return out_dir
+
+
+def run(command, timeout):
+    """Runs a command from the repository root; returns the CompletedProcess."""
+    import subprocess
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(command, cwd=REPO_DIR, capture_output=True, text=True,
+                          timeout=timeout, env=environment)
+
+
+TINY_MODEL = ["--base-filters", "4", "--depth", "2", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(converted_dir, tmp_path_factory):
+    """(output folder, stdout) of a real 2-process run_multinode.sh training of a tiny U-Net
+    on the converted synthetic cases; its model.keras serves the inference tests."""
+    output_dir = tmp_path_factory.mktemp("train")
+    result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
+                  "--data-dir", str(converted_dir), "--output-dir", str(output_dir),
+                  "--epochs", "4", "--learning-rate", "3e-3", *TINY_MODEL], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return output_dir, result.stdout

@@ -5,34 +5,15 @@ import csv
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO_DIR
-
-TINY_MODEL = ["--base-filters", "4", "--depth", "2", "--batch-size", "8"]
+from conftest import REPO_DIR, run
 
 
-def run(command, timeout):
-    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run(command, cwd=REPO_DIR, capture_output=True, text=True,
-                          timeout=timeout, env=environment)
-
-
-@pytest.fixture(scope="module")
-def trained(converted_dir, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("train")
-    result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
-                  "--data-dir", str(converted_dir), "--output-dir", str(output_dir),
-                  "--epochs", "4", "--learning-rate", "3e-3", *TINY_MODEL], timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return output_dir, result.stdout
-
-
-def test_two_workers_train_and_the_loss_goes_down(trained):
-    output_dir, stdout = trained
+def test_two_workers_train_and_the_loss_goes_down(trained_run):
+    output_dir, stdout = trained_run
     assert "Horovod: 2 workers" in stdout
     with open(os.path.join(output_dir, "training_log.csv")) as file:
         epochs = list(csv.DictReader(file))
@@ -43,15 +24,15 @@ def test_two_workers_train_and_the_loss_goes_down(trained):
     assert not [f for f in os.listdir(output_dir) if ".partial" in f]
 
 
-def test_both_workers_end_with_identical_weights(trained):
-    _, stdout = trained
+def test_both_workers_end_with_identical_weights(trained_run):
+    _, stdout = trained_run
     fingerprints = dict(re.findall(r"rank (\d+): final weights fingerprint (\w+)", stdout))
     assert set(fingerprints) == {"0", "1"}, stdout
     assert fingerprints["0"] == fingerprints["1"]
 
 
-def test_inference_on_the_saved_checkpoint_prints_a_dice(trained, converted_dir, tmp_path):
-    output_dir, _ = trained
+def test_inference_on_the_saved_checkpoint_prints_a_dice(trained_run, converted_dir, tmp_path):
+    output_dir, _ = trained_run
     result = run([sys.executable, "inference.py", "--data-dir", str(converted_dir),
                   "--checkpoint", os.path.join(output_dir, "model.keras"),
                   "--output-dir", str(tmp_path)], timeout=120)
@@ -64,7 +45,7 @@ def test_inference_on_the_saved_checkpoint_prints_a_dice(trained, converted_dir,
                                                     abs=1e-4)
     assert 0 <= metrics["whole_tumor_dice_all_slices"] <= 1
     assert metrics["slices_per_second"] > 0
-    with open(tmp_path / "per_case_dice.csv") as file:
+    with open(tmp_path / "per_case_metrics.csv") as file:
         assert len(list(csv.DictReader(file))) == int(printed.group(2)) == metrics["num_cases"]
     assert [f for f in os.listdir(tmp_path) if f.endswith(".png")]
 

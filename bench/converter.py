@@ -1,0 +1,134 @@
+"""Converter memory and speed, measured side by side in one run.
+
+    .venv/bin/python bench/converter.py [--small 20] [--large 80] [--workers N] [--json FILE]
+
+Converts `small` and `large` (4x as many) synthetic full-size cases
+  - serially and with N worker processes: peak resident memory of the whole process tree
+    must not grow with the number of cases (target: large/small within 10%), and cases/s;
+  - with a reimplementation of the seed project's approach (every case in memory as float64,
+    every 25 cases the saved arrays reloaded, concatenated and saved again), for speed and
+    memory against the same cases.
+The synthetic cases are generated once into data/bench/ and reused by later runs.
+"""
+import argparse
+import json
+import os
+import sys
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_DIR)
+
+import numpy as np  # noqa: E402
+
+import layouts  # noqa: E402
+import preprocessing  # noqa: E402
+import synthetic_brats  # noqa: E402
+from bench.process_memory import run_sampled  # noqa: E402
+
+PYTHON = sys.executable
+SEED_BLOCK = 25  # the seed project saved (reloaded, concatenated) every 25 patients
+
+
+def seed_style_convert(raw_dir, out_dir):
+    """The seed project's approach on the same preprocessing: arrays kept in lists, and every
+    SEED_BLOCK cases the saved file reloaded, concatenated with them and saved again."""
+    _, cases = layouts.find_cases(raw_dir)
+    options = preprocessing.Preprocessing(slice_policy="all", image_dtype="float32")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "imgs_train.npy")
+    block = []
+    for number, case in enumerate(cases, 1):
+        imgs, _, _ = preprocessing.preprocess_case(*layouts.read_case(case), options)
+        block.append(imgs.astype(np.float64))
+        if number % SEED_BLOCK == 0 or number == len(cases):
+            saved = [np.load(path)] if os.path.exists(path) else []
+            np.save(path, np.concatenate(saved + block))
+            block = []
+
+
+def ensure_cases(root, count, shape):
+    """root/all holds `count` synthetic cases (generated once); root/first<count> links the
+    first ones, so the small and large runs share cases."""
+    all_dir = os.path.join(root, "all")
+    have = len(os.listdir(all_dir)) if os.path.isdir(all_dir) else 0
+    if have < count:
+        synthetic_brats.write_dataset(all_dir, count, seed=99, shape=shape)
+    subset = os.path.join(root, f"first{count}")
+    if not os.path.isdir(subset):
+        os.makedirs(subset)
+        for index in range(1, count + 1):
+            name = synthetic_brats.case_id(index)
+            os.symlink(os.path.join(all_dir, name), os.path.join(subset, name))
+    return subset
+
+
+def measure(label, command, num_cases):
+    seconds, peak, _ = run_sampled(command, cwd=REPO_DIR)
+    row = {"run": label, "cases": num_cases, "seconds": round(seconds, 2),
+           "cases_per_second": round(num_cases / seconds, 3),
+           "peak_rss_mib": round(peak / 2**20, 1)}
+    print(f"  {label:<26} {num_cases:>5} {seconds:>9.1f} {row['cases_per_second']:>10.2f} "
+          f"{row['peak_rss_mib']:>14.0f}", flush=True)
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=20)
+    parser.add_argument("--large", type=int, default=80)
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--work-dir", default=os.path.join(REPO_DIR, "data", "bench"),
+                        help="cases are generated here once; use a new folder for a new --shape")
+    parser.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
+    parser.add_argument("--skip-seed-style", action="store_true")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    print(f"Preparing {args.large} synthetic cases in {args.work_dir} (once)")
+    raw = {count: ensure_cases(os.path.join(args.work_dir, "raw"), count, tuple(args.shape))
+           for count in (args.large, args.small)}
+    out_dir = os.path.join(args.work_dir, "out")
+    print(f"\n  {'run':<26} {'cases':>5} {'seconds':>9} {'cases/s':>10} {'peak RSS MiB':>14}")
+    rows = []
+    for count in (args.small, args.large):
+        for workers in (1, args.workers):
+            rows.append(measure(f"streaming, {workers} worker(s)",
+                                [PYTHON, "converter.py", "--raw-dir", raw[count],
+                                 "--out-dir", out_dir, "--workers", str(workers),
+                                 "--slice-policy", "all"], count))
+        if not args.skip_seed_style:
+            rows.append(measure("seed project's approach",
+                                [PYTHON, __file__, "--seed-style", raw[count],
+                                 os.path.join(args.work_dir, "seed_out")], count))
+
+    def find(label_start, count):
+        return next(r for r in rows if r["run"].startswith(label_start) and r["cases"] == count)
+    summary = {}
+    for workers in sorted({1, args.workers}):
+        label = f"streaming, {workers} worker(s)"
+        small, large = find(label, args.small), find(label, args.large)
+        summary[f"memory_ratio_{workers}_workers"] = round(
+            large["peak_rss_mib"] / small["peak_rss_mib"], 3)
+    summary["parallel_speedup"] = round(
+        find(f"streaming, {args.workers}", args.large)["cases_per_second"] /
+        find("streaming, 1 ", args.large)["cases_per_second"], 2)
+    if not args.skip_seed_style:
+        seed_large = find("seed", args.large)
+        summary["seed_style_memory_ratio"] = round(
+            seed_large["peak_rss_mib"] / find("seed", args.small)["peak_rss_mib"], 3)
+        summary["speedup_vs_seed_style"] = round(
+            find(f"streaming, {args.workers}", args.large)["cases_per_second"] /
+            seed_large["cases_per_second"], 2)
+    print(f"\nPeak memory, {args.large} against {args.small} cases (target: within 10%):")
+    for name, value in summary.items():
+        print(f"  {name:<32} {value}")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"runs": rows, "summary": summary}, file, indent=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--seed-style":
+        seed_style_convert(sys.argv[2], sys.argv[3])
+    else:
+        main()

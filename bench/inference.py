@@ -1,0 +1,69 @@
+"""Inference speed on this machine: float32 against bfloat16, measured side by side in one run.
+
+    .venv/bin/python bench/inference.py [--checkpoint FILE] [--batch-size N] [--json FILE]
+
+Predicts a 155-slice volume (the BraTS depth) with the U-Net of settings.py (or a given
+checkpoint) the way inference.py does, in float32 and in mixed bfloat16, and prints slices
+per second and seconds of model time per volume (best of --repeats, after a warm-up). Target
+on the 2-core development machine: under one second per volume with bfloat16.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_DIR)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+import inference  # noqa: E402
+import model as unet  # noqa: E402
+import settings  # noqa: E402
+import threads  # noqa: E402
+
+VOLUME_SLICES = 155
+
+
+def seconds_per_volume(model, volume, batch_size, repeats):
+    inference.predict(model, volume[:batch_size], batch_size)  # warm-up: trace and allocate
+    return min(inference.predict(model, volume, batch_size)[1] for _ in range(repeats))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="default: an untrained settings.py U-Net")
+    parser.add_argument("--batch-size", type=int, default=settings.INFERENCE_BATCH_SIZE)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    intra, _ = threads.configure(settings.NUM_INTRA_THREADS, settings.NUM_INTER_THREADS)
+    model = inference.load_checkpoint(args.checkpoint) if args.checkpoint else unet.build_unet(
+        settings.IMAGE_SIZE, len(settings.MODALITIES), 1, settings.BASE_FILTERS, settings.DEPTH)
+    _, size, _, channels = model.input_shape
+    volume = np.random.default_rng(0).normal(size=(VOLUME_SLICES, size, size, channels))
+    volume = volume.astype(np.float32)
+    print(f"{VOLUME_SLICES} slices of {size}x{size}x{channels}, batch {args.batch_size}, "
+          f"{intra} threads; bfloat16 in hardware: {unet.cpu_supports_bfloat16()}")
+
+    figures = {}
+    for precision, key in (("float32", "fp32"), ("mixed_bfloat16", "bf16")):
+        seconds = seconds_per_volume(inference.with_precision(model, precision), volume,
+                                     args.batch_size, args.repeats)
+        figures[f"{key}_volume_s"] = round(seconds, 3)
+        figures[f"{key}_slices_per_s"] = round(VOLUME_SLICES / seconds, 1)
+        print(f"  {precision:<15} {VOLUME_SLICES / seconds:8.1f} slices/s "
+              f"{seconds:7.3f} s per volume", flush=True)
+    figures["bf16_speedup"] = round(figures["fp32_volume_s"] / figures["bf16_volume_s"], 2)
+    print(f"  bfloat16 speed-up: {figures['bf16_speedup']}x; target: bf16 under 1 s per volume "
+          f"({'met' if figures['bf16_volume_s'] < 1 else 'NOT met'})")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(figures, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()
