@@ -181,6 +181,11 @@ def dice_distribution(rows, regions):
     return figure
 
 
+def whole_tumor_scores(row):
+    return (f"whole-tumor Dice {row['whole_tumor_dice']:.4f}  "
+            f"HD95 {row['whole_tumor_hd95_mm']:.1f} mm")
+
+
 def report(output, rows, regions, extra):
     """Writes the CSVs, metrics.json and the distribution figure; prints the summary."""
     summary = metrics.summarize(rows, regions)
@@ -226,8 +231,7 @@ def infer_arrays(model, args, output):
                                             slice_grid_spacing(entry, options))
             row.update({f"{region}_{name}": value for name, value in scores.items()})
         rows.append(row)
-        print(f"  {entry['case']:<28} {row['slices']:4d} slices  "
-              f"whole-tumor Dice {row['whole_tumor_dice']:.4f}  HD95 {row['whole_tumor_hd95_mm']:.1f} mm")
+        print(f"  {entry['case']:<28} {row['slices']:4d} slices  {whole_tumor_scores(row)}")
         if number < args.NUM_FIGURES:
             output.figure(f"{entry['case']}_montage.png", montage(
                 np.asarray(imgs[first:end, ..., FLAIR], np.float32), truth[..., 0],
@@ -288,7 +292,8 @@ def nifti_like(volume, reference):
 
 
 def segment_case(model, case, options, args, output):
-    """Segments one case, writes its NIfTI, and returns its metrics row (None if unlabelled)."""
+    """Segments one case and writes its NIfTI. Returns its metrics row and the [slice, H, W]
+    FLAIR, truth and prediction for a montage; (None, None) for a case without labels."""
     image, labels = layouts.read_case(case)
     imgs, _, geometry = preprocessing.preprocess_case(image, None, options)
     check_fits(model, args.CHECKPOINT, options.image_size, image.shape[3],
@@ -310,14 +315,14 @@ def segment_case(model, case, options, args, output):
     print(f"  {case.case_id:<28} {len(imgs):4d} slices in {seconds:.2f} s", end="")
     if labels is None:
         print("  (no label map: not scored)")
-        return None
+        return None, None
     truth = preprocessing.targets(labels, options.label_mode).astype(bool)
     spacing = reference.header.get_zooms()[:3]
     row = {"case": case.case_id, "slices": len(imgs)}
     for k, region in enumerate(options.target_names):
         scores = metrics.region_metrics(truth[..., k], masks[..., k], spacing)
         row.update({f"{region}_{name}": value for name, value in scores.items()})
-    print(f"  whole-tumor Dice {row['whole_tumor_dice']:.4f}  HD95 {row['whole_tumor_hd95_mm']:.1f} mm")
+    print(f"  {whole_tumor_scores(row)}")
     return row, (np.moveaxis(image[..., FLAIR], 2, 0), np.moveaxis(truth[..., 0], 2, 0),
                  np.moveaxis(masks[..., 0], 2, 0))
 
@@ -345,18 +350,19 @@ def infer_nifti(model, args, output):
     rows, failures = [], []
     for case in cases:
         try:
-            scored = segment_case(model, case, options, args, output)
+            row, views = segment_case(model, case, options, args, output)
         except (layouts.CaseError, InferenceError) as error:
             print(f"  {case.case_id}: FAILED: {error}")
             failures.append((case.case_id, str(error)))
             continue
-        if scored:
-            rows.append(scored[0])
+        if row:
+            rows.append(row)
             if len(rows) <= args.NUM_FIGURES:
-                output.figure(f"{case.case_id}_montage.png", montage(*scored[1], case.case_id))
+                output.figure(f"{case.case_id}_montage.png", montage(*views, case.case_id))
     if rows:
         report(output, rows, options.target_names, {"checkpoint": os.path.abspath(args.CHECKPOINT)})
-    print(f"Segmented {len(cases) - len(failures)} of {len(cases)} case(s) into {args.INFERENCE_DIR}")
+    print(f"Segmented {len(cases) - len(failures)} of {len(cases)} case(s) into "
+          f"{args.INFERENCE_DIR}")
     for case_id, error in failures:
         print(f"  failed {case_id}: {error}")
     if failures:

@@ -153,7 +153,8 @@ def find_cases(root, layout="auto"):
     for duplicates in (group for group in by_id.values() if len(group) > 1):
         folders = [os.path.dirname(case.images[MODALITIES[0]]) for case in duplicates]
         for case in duplicates:
-            case.problem = f"case ID {case.case_id} appears {len(duplicates)} times: {', '.join(folders)}"
+            case.problem = (f"case ID {case.case_id} appears {len(duplicates)} times: "
+                            f"{', '.join(folders)}")
     if any(case.label for case in cases):
         for case in cases:
             if not case.label and not case.problem:

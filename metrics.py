@@ -28,8 +28,8 @@ def dice(truth, prediction):
 
 def surface(mask):
     """Voxels of the mask with a face-neighbour outside it."""
-    eroded = scipy.ndimage.binary_erosion(mask, scipy.ndimage.generate_binary_structure(mask.ndim, 1),
-                                          border_value=0)
+    faces = scipy.ndimage.generate_binary_structure(mask.ndim, 1)
+    eroded = scipy.ndimage.binary_erosion(mask, faces, border_value=0)
     return mask & ~eroded
 
 

@@ -190,7 +190,8 @@ def test_uncompressed_nii_and_the_brats2020_case_355_label_name(reference_releas
     root = write_release(tmp_path / "raw", "brats2020")
     folder = root / synthetic_brats.case_id(1)
     for path in folder.iterdir():  # every file of case 1 as plain .nii
-        (folder / path.name.replace(".nii.gz", ".nii")).write_bytes(gzip.decompress(path.read_bytes()))
+        plain = folder / path.name.replace(".nii.gz", ".nii")
+        plain.write_bytes(gzip.decompress(path.read_bytes()))
         path.unlink()
     os.rename(folder / f"{synthetic_brats.case_id(1)}_seg.nii", folder / "W39_1998.09.19_Segm.nii")
     convert(root, tmp_path / "out", "--label-mode", "regions")
@@ -306,9 +307,10 @@ def test_a_bad_case_is_skipped_with_the_file_and_problem_named(raw_copy, tmp_pat
     assert list(skipped) == [cases[0]]
     assert str(named_path) in skipped[cases[0]] and problem in skipped[cases[0]]
     assert f"skipped {cases[0]}: {skipped[cases[0]]}" in output
-    converted = [e["case"] for split in manifest(tmp_path / "out")["splits"].values() for e in split]
+    splits = manifest(tmp_path / "out")["splits"]
+    converted = [entry["case"] for entries in splits.values() for entry in entries]
     assert sorted(converted) == cases[1:]
-    for split, entries in manifest(tmp_path / "out")["splits"].items():
+    for split, entries in splits.items():
         imgs, msks = data.load_split(tmp_path / "out", split)  # no gap left by the bad case
         assert len(imgs) == len(msks) == entries[-1]["rows"][1]
     assert not [f for f in os.listdir(tmp_path / "out") if ".partial" in f]

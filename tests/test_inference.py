@@ -145,8 +145,9 @@ def test_a_case_folder_is_segmented_on_its_own_grid(checkpoint, converted_dir, r
     np.testing.assert_array_equal(segmentation.affine, scan.affine)
     assert segmentation.header.get_zooms() == scan.header.get_zooms()
     assert set(np.unique(np.asarray(segmentation.dataobj))) <= {0, 1}  # a whole-tumor model
-    probabilities = np.asarray(nib.load(tmp_path / "BraTS-GLI-00001-000_probabilities.nii.gz").dataobj)
-    assert probabilities.shape == SMALL_SHAPE and 0 <= probabilities.min() <= probabilities.max() <= 1
+    probabilities = nib.load(tmp_path / "BraTS-GLI-00001-000_probabilities.nii.gz").get_fdata()
+    assert probabilities.shape == SMALL_SHAPE
+    assert 0 <= probabilities.min() <= probabilities.max() <= 1
     np.testing.assert_array_equal(np.asarray(segmentation.dataobj), probabilities > 0.5)
     with open(tmp_path / "per_case_metrics.csv") as file:
         [row] = list(csv.DictReader(file))
@@ -223,7 +224,8 @@ def test_a_checkpoint_for_other_slices_is_refused_naming_it(converted_dir, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         inference.main(["--data-dir", str(converted_dir), "--checkpoint",
                         str(tmp_path / "big.keras"), "--output-dir", str(tmp_path / "out")])
-    assert f"{tmp_path / 'big.keras'}: trained on 64x64 slices with 4 channels" in str(exit_info.value)
+    expected = f"{tmp_path / 'big.keras'}: trained on 64x64 slices with 4 channels"
+    assert expected in str(exit_info.value)
     unet.build_unet(SMALL_IMAGE_SIZE, 2, 1, base_filters=4, depth=2).save(tmp_path / "two.keras")
     with pytest.raises(SystemExit, match="with 2 channels, but .*imgs_test.npy has 32x32 with 4"):
         inference.main(["--data-dir", str(converted_dir), "--checkpoint",
