@@ -46,7 +46,7 @@ FLAGS = {"INFERENCE_DIR": "--output-dir", "INFERENCE_BATCH_SIZE": "--batch-size"
          "INFERENCE_PRECISION": "--precision"}
 HELP = {"DATA_DIR": "converted arrays; with --input, only its manifest's preprocessing is used",
         "INFERENCE_PRECISION": "auto, float32 or mixed_bfloat16",
-        "NUM_FIGURES": "montages of at most this many cases"}
+        "NUM_FIGURES": "montages of at most this many cases; 0: all"}
 FLAIR = settings.MODALITIES.index("flair")
 
 
@@ -146,6 +146,10 @@ class OutputFolder:
         return path
 
 
+def wants_montage(scored_before, num_figures):
+    return num_figures == 0 or scored_before < num_figures
+
+
 def montage(flair, truth, prediction, title, count=4):
     """A figure of `count` axial slices through the tumor: FLAIR with the ground truth
     (green) and prediction (red) outlined. Arrays are [slices, H, W]."""
@@ -232,7 +236,7 @@ def infer_arrays(model, args, output):
             row.update({f"{region}_{name}": value for name, value in scores.items()})
         rows.append(row)
         print(f"  {entry['case']:<28} {row['slices']:4d} slices  {whole_tumor_scores(row)}")
-        if number < args.NUM_FIGURES:
+        if wants_montage(number, args.NUM_FIGURES):
             output.figure(f"{entry['case']}_montage.png", montage(
                 np.asarray(imgs[first:end, ..., FLAIR], np.float32), truth[..., 0],
                 prediction[..., 0], entry["case"]))
@@ -357,7 +361,7 @@ def infer_nifti(model, args, output):
             continue
         if row:
             rows.append(row)
-            if len(rows) <= args.NUM_FIGURES:
+            if wants_montage(len(rows) - 1, args.NUM_FIGURES):
                 output.figure(f"{case.case_id}_montage.png", montage(*views, case.case_id))
     if rows:
         report(output, rows, options.target_names, {"checkpoint": os.path.abspath(args.CHECKPOINT)})

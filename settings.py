@@ -75,4 +75,4 @@ HOSTS_FILE = os.path.join(_HERE, "hosts.txt")
 CHECKPOINT = os.path.join(OUTPUT_DIR, "model.keras")
 INFERENCE_BATCH_SIZE = 64
 INFERENCE_PRECISION = "auto"  # "auto": bfloat16 where the CPU has it (AMX / AVX512_BF16)
-NUM_FIGURES = 4  # PNG montages of this many scored cases
+NUM_FIGURES = 0  # PNG montages of at most this many scored cases; 0: every scored case
