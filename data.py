@@ -85,13 +85,18 @@ def augment(image, mask, seed):
     return both[..., :channels], both[..., channels:]
 
 
-def training_dataset(imgs, msks, indices, batch_size, seed):
+def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0):
     """Endless shuffled, augmented batches of the given shard; the caller takes
-    steps_per_epoch() batches per epoch. The same seed gives the same batches."""
+    steps_per_epoch() batches per epoch. The same seed gives the same batches.
+
+    skip_samples drops that many samples from the start of the stream: a run resumed after
+    k epochs passes k x steps x batch size and sees exactly the batches the uninterrupted run
+    would have seen. The skip happens before any slice is read: only shuffled indices and
+    augmentation seeds are drawn for the skipped samples."""
     samples = tf.data.Dataset.from_tensor_slices(indices)
     samples = samples.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True).repeat()
     augment_seeds = tf.data.Dataset.random(seed=seed).batch(2)
-    samples = tf.data.Dataset.zip(samples, augment_seeds)
+    samples = tf.data.Dataset.zip(samples, augment_seeds).skip(skip_samples)
     read = _reader(imgs, msks)
     dataset = samples.map(lambda index, aug_seed: (*read(index), aug_seed),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

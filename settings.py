@@ -56,6 +56,21 @@ WARMUP_EPOCHS = 1
 FINAL_LR_FRACTION = 0.05
 SEED = 42  # weights, shuffling and augmentation
 LOG_EVERY_STEPS = 20  # rank 0 prints a progress line this often within an epoch
+# "mixed_bfloat16" computes in bfloat16 (weights, outputs and loss stay float32): about twice
+# as fast on CPUs with AMX-BF16 (Sapphire Rapids and later); with AVX512_BF16 alone it was
+# measured slower than float32 (see model.FAST_BF16_CPU_FLAGS). "auto" picks it when
+# /proc/cpuinfo lists amx_bf16, float32 otherwise.
+PRECISION = "auto"  # "auto" | "float32" | "mixed_bfloat16"
+# Stop when validation Dice has not improved for this many epochs; 0 never stops early.
+EARLY_STOPPING_PATIENCE = 5
+# A Horovod timeline (Chrome trace of every allreduce, chrome://tracing) is written to this
+# file when set; "" writes none. It costs some speed: use it to diagnose, not in production.
+TIMELINE = ""
+# How often (ms) Horovod's background thread meets the other ranks to start allreduces.
+# 1 ms is Horovod's own default; 0.1 ms cost 1 rank x 2 threads 17% (38-40 against 46-47
+# img/s, bench/training.py machine): the thread wakes 10x as often and takes CPU from the
+# compute threads. An exported HOROVOD_CYCLE_TIME takes precedence.
+HOROVOD_CYCLE_TIME_MS = 1.0
 
 # --- Threads --------------------------------------------------------------------------------
 # 0 means: computed from the cores available to each rank (its CPU affinity under mpirun

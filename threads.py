@@ -31,6 +31,9 @@ def configure(intra_threads, inter_threads, ranks_on_node=1):
     import tensorflow as tf
 
     intra, inter = resolve(intra_threads, inter_threads, ranks_on_node)
+    # OpenMP builds of TensorFlow (Intel's) size their pool from OMP_NUM_THREADS when the
+    # first op runs, i.e. after this; stock TensorFlow ignores it. The launcher's value wins.
+    os.environ.setdefault("OMP_NUM_THREADS", str(intra))
     tf.config.threading.set_intra_op_parallelism_threads(intra)
     tf.config.threading.set_inter_op_parallelism_threads(inter)
     return intra, inter

@@ -7,18 +7,24 @@ applying them, so all ranks make identical updates. With N ranks each update see
 the data, so the learning rate is scaled by N, warmed up from the single-worker rate over
 the first epochs (large rates destabilize an untrained network) and then decayed.
 
+After every epoch rank 0 checkpoints the model, optimizer and progress (checkpoints.py);
+rerunning the same command with the same --output-dir resumes from the last checkpoint,
+and OUTPUT_DIR/model.keras is always the best epoch by validation Dice, ready for
+inference.py. Training stops early when validation Dice stops improving.
+
 Keras 3 note: Horovod's DistributedGradientTape and DistributedOptimizer do not work with
 Keras 3 variables and optimizers, so gradients are averaged explicitly with grouped_allreduce.
 """
-import hashlib
+import datetime
 import os
+import sys
 import time
 
 import horovod.tensorflow as hvd
 import keras
-import numpy as np
 import tensorflow as tf
 
+import checkpoints
 import cli
 import data
 import model as unet
@@ -27,9 +33,14 @@ import threads
 SETTINGS = ["DATA_DIR", "OUTPUT_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE",
             "LEARNING_RATE", "WARMUP_EPOCHS", "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH",
             "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
-            "NUM_INTRA_THREADS", "NUM_INTER_THREADS"]
+            "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION", "EARLY_STOPPING_PATIENCE",
+            "TIMELINE", "HOROVOD_CYCLE_TIME_MS"]
 HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled by workers",
-        "STEPS_PER_EPOCH": "0 = one pass over the largest shard"}
+        "STEPS_PER_EPOCH": "0 = one pass over the largest shard",
+        "PRECISION": "auto | float32 | mixed_bfloat16",
+        "EARLY_STOPPING_PATIENCE": "epochs without a better validation Dice; 0 = never",
+        "TIMELINE": "write a Horovod timeline (Chrome trace) to this file",
+        "HOROVOD_CYCLE_TIME_MS": "an exported HOROVOD_CYCLE_TIME wins"}
 
 
 def learning_rate_schedule(base_lr, num_workers, steps_per_epoch, epochs, warmup_epochs,
@@ -86,106 +97,213 @@ def evaluate(eval_step, dataset):
     return loss_sum / max(count, 1), unet.dice_from_sums(intersection, total)
 
 
-def save_atomically(model, path):
-    """Writes the checkpoint under a temporary name, then renames it: a crash mid-save never
-    leaves a truncated model.keras behind."""
-    temporary = path.replace(".keras", ".partial.keras")
-    model.save(temporary)
-    os.replace(temporary, path)
+def say(text):
+    """Prints a whole line in one write: print() writes the text and its newline separately,
+    and mpirun, merging the ranks' output, can put another rank's line in between."""
+    sys.stdout.write(f"{text}\n")
+    sys.stdout.flush()
 
 
-def weights_fingerprint(model):
-    """A hash of all weights: equal on every rank when the ranks stayed in sync."""
-    digest = hashlib.sha256()
-    for weight in model.get_weights():
-        digest.update(np.ascontiguousarray(weight).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def log(*values):
+def log(text):
+    """Progress is printed by rank 0 only; lines that every rank prints use say()."""
     if hvd.rank() == 0:
-        print(*values, flush=True)
+        say(text)
 
 
-def main(argv=None):
-    args = cli.parse(__doc__.splitlines()[0], SETTINGS, argv, HELP)
+
+
+def start_horovod(timeline, cycle_time_ms):
+    """hvd.init(), with a timeline when asked. Horovod reads HOROVOD_TIMELINE once, in
+    hvd.init(), so it is set here rather than by the launcher (exporting it with mpirun -x
+    works too); only rank 0, Horovod's coordinator, writes the file.
+
+    Open MPI is also told to yield the core while it waits (OMPI_MCA_mpi_yield_when_idle,
+    read by MPI_Init inside hvd.init). Horovod's background thread meets the other ranks in
+    MPI every HOROVOD_CYCLE_TIME ms, and by default Open MPI busy-polls until they arrive:
+    a rank bound to as many cores as it has compute threads (2 ranks x 1 thread on 2 cores)
+    then loses its core to the polling (measured: 28 img/s busy-polling against 50
+    yielding, bench/training.py). The cycle time comes from settings.py; variables already
+    exported take precedence."""
+    if timeline:
+        os.environ["HOROVOD_TIMELINE"] = os.path.abspath(timeline)
+    os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    os.environ.setdefault("HOROVOD_CYCLE_TIME", str(cycle_time_ms))
     hvd.init()
-    intra, inter = threads.configure(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS,
-                                     hvd.local_size())
-    log(f"Horovod: {hvd.size()} workers; each uses {intra} intra-op and {inter} inter-op "
-        f"threads\nConfiguration:\n{cli.format_config(args)}")
-    keras.utils.set_random_seed(args.SEED)
 
-    # Data: a disjoint shard of the training slices per rank, equal steps on every rank.
-    imgs_train, msks_train = data.load_split(args.DATA_DIR, "train")
-    imgs_test, msks_test = data.load_split(args.DATA_DIR, "test")
-    train_shard = data.shard_indices(len(imgs_train), hvd.rank(), hvd.size())
-    steps_per_epoch = args.STEPS_PER_EPOCH or data.steps_per_epoch(
-        len(imgs_train), hvd.size(), args.BATCH_SIZE)
-    train_batches = iter(data.training_dataset(
-        imgs_train, msks_train, train_shard, args.BATCH_SIZE, seed=args.SEED + hvd.rank()))
-    test_batches = data.evaluation_dataset(
-        imgs_test, msks_test, data.shard_indices(len(imgs_test), hvd.rank(), hvd.size()),
-        args.BATCH_SIZE)
-    log(f"{len(imgs_train)} training slices, {len(imgs_test)} validation slices; "
-        f"{steps_per_epoch} steps per epoch of {args.BATCH_SIZE} x {hvd.size()} slices")
 
-    # Model and optimizer, identical on every rank.
-    model = unet.build_unet(imgs_train.shape[1], imgs_train.shape[3], msks_train.shape[3],
+def resume_point(output_dir, num_workers, steps_per_epoch):
+    """Rank 0's last committed training state, the same on every rank (broadcast: with local
+    disks the other ranks may not even see rank 0's file), or None for a fresh run. A state
+    from another number of workers or steps per epoch would not continue the same schedule
+    and data order, so it is refused on every rank alike."""
+    state = checkpoints.load_state(output_dir) if hvd.rank() == 0 else None
+    state = hvd.broadcast_object(state, root_rank=0, name="resume_state")
+    if state and (state["num_workers"], state["steps_per_epoch"]) != (num_workers,
+                                                                      steps_per_epoch):
+        raise ValueError(
+            f"{state['state_path']}: saved by {state['num_workers']} workers with "
+            f"{state['steps_per_epoch']} steps per epoch; this run has {num_workers} and "
+            f"{steps_per_epoch}. Rerun the original command or use another --output-dir")
+    return state
+
+
+def build_model_and_optimizer(args, images_shape, masks_shape, steps_per_epoch):
+    """The U-Net (under the precision policy already set), Adam on the scaled, warmed-up
+    schedule, and the model compiled with that optimizer: not for fit() (the loop in main()
+    trains), but so that the callbacks find it and the saved state holds its variables."""
+    model = unet.build_unet(images_shape[1], images_shape[3], masks_shape[3],
                             args.BASE_FILTERS, args.DEPTH, args.USE_TRANSPOSED_CONV,
                             args.USE_BATCH_NORM, args.DROPOUT)
     schedule = learning_rate_schedule(args.LEARNING_RATE, hvd.size(), steps_per_epoch,
                                       args.EPOCHS, args.WARMUP_EPOCHS, args.FINAL_LR_FRACTION)
     optimizer = keras.optimizers.Adam(learning_rate=schedule)
     optimizer.build(model.trainable_variables)
-    # Attached for the callbacks (TensorBoard logs its learning rate) and the checkpoint
-    # (which then holds the optimizer state); the loop below does the training.
     model.compile(optimizer=optimizer, jit_compile=False)
+    return model, optimizer, schedule
+
+
+def make_callbacks(model, output_dir, resuming):
+    """Rank 0 logs every epoch's figures to training_log.csv (appended to when resuming) and
+    TensorBoard; the other ranks get an empty list, so the loop is the same on every rank."""
+    if hvd.rank() != 0:
+        return keras.callbacks.CallbackList(model=model)
+    os.makedirs(output_dir, exist_ok=True)
+    return keras.callbacks.CallbackList([
+        keras.callbacks.CSVLogger(os.path.join(output_dir, "training_log.csv"),
+                                  append=resuming),
+        keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard"),
+                                    write_graph=False, profile_batch=0),
+    ], model=model)
+
+
+def train_one_epoch(train_step, batches, steps, epoch, log_every):
+    """Runs `steps` synchronous steps; returns rank 0's mean loss and Dice sums, and the
+    seconds it took (all ranks wait for each other at every allreduce, so it is the
+    job's time)."""
+    started = time.perf_counter()
+    loss_sum, intersection, total = 0.0, 0.0, 0.0
+    for step in range(1, steps + 1):
+        loss, batch_intersection, batch_total = train_step(*next(batches))
+        loss_sum += float(loss)
+        intersection += float(batch_intersection)
+        total += float(batch_total)
+        if step % log_every == 0 and step < steps:
+            log(f"  epoch {epoch + 1} step {step}/{steps} loss {loss_sum / step:.4f}")
+    return loss_sum / steps, unet.dice_from_sums(intersection, total), \
+        time.perf_counter() - started
+
+
+def memory_line():
+    """Peak resident memory of this process, and how much of it is not file-backed: pages of
+    the memory-mapped arrays count as resident once read, but the kernel drops them under
+    pressure, so the anonymous part is what a larger dataset must not grow."""
+    with open("/proc/self/status") as file:
+        status = dict(line.split(":", 1) for line in file)
+    mib = lambda key: int(status[key].split()[0]) / 1024  # noqa: E731 (values are in kB)
+    return (f"peak RSS {mib('VmHWM'):.0f} MiB (now {mib('RssAnon'):.0f} MiB anonymous, "
+            f"{mib('RssFile'):.0f} MiB file-backed)")
+
+
+def epoch_line(epoch, epochs, logs):
+    return (f"epoch {epoch + 1}/{epochs}  loss {logs['loss']:.4f}  dice {logs['dice']:.4f}  "
+            f"val_loss {logs['val_loss']:.4f}  val_dice {logs['val_dice']:.4f}  "
+            f"lr {logs['learning_rate']:.3g}  {logs['images_per_second']:.1f} img/s  "
+            f"{logs['epoch_seconds']:.1f} s/epoch  "
+            f"ETA {datetime.timedelta(seconds=round(logs['eta_seconds']))}")
+
+
+def main(argv=None):
+    args = cli.parse(__doc__.splitlines()[0], SETTINGS, argv, HELP)
+    start_horovod(args.TIMELINE, args.HOROVOD_CYCLE_TIME_MS)
+    intra, inter = threads.configure(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS,
+                                     hvd.local_size())
+    precision = unet.set_precision(args.PRECISION)
+    log(f"Horovod: {hvd.size()} workers; each uses {intra} intra-op and {inter} inter-op "
+        f"threads; precision {precision} (CPU has AMX-BF16: "
+        f"{unet.cpu_has_fast_bfloat16()})\nConfiguration:\n{cli.format_config(args)}")
+    keras.utils.set_random_seed(args.SEED)
+
+    # Data: a disjoint shard of the training slices per rank, equal steps on every rank.
+    imgs_train, msks_train = data.load_split(args.DATA_DIR, "train")
+    imgs_test, msks_test = data.load_split(args.DATA_DIR, "test")
+    steps_per_epoch = args.STEPS_PER_EPOCH or data.steps_per_epoch(
+        len(imgs_train), hvd.size(), args.BATCH_SIZE)
+    log(f"{len(imgs_train)} training slices, {len(imgs_test)} validation slices; "
+        f"{steps_per_epoch} steps per epoch of {args.BATCH_SIZE} x {hvd.size()} slices")
+
+    # A rerun of the same command continues from the last checkpoint in OUTPUT_DIR.
+    state = resume_point(args.OUTPUT_DIR, hvd.size(), steps_per_epoch)
+    first_epoch = state["epoch"] if state else 0
+    if state and state.get("epochs", args.EPOCHS) != args.EPOCHS:
+        log(f"Note: the checkpoint was written by a run of {state['epochs']} epochs; the "
+            f"learning-rate schedule now follows {args.EPOCHS}")
+    if state and (first_epoch >= args.EPOCHS or state["stopped_early"]):
+        log(f"{args.OUTPUT_DIR} holds a finished run (epoch {first_epoch}); nothing to train. "
+            f"Use another --output-dir to train anew")
+    train_batches = iter(data.training_dataset(
+        imgs_train, msks_train, data.shard_indices(len(imgs_train), hvd.rank(), hvd.size()),
+        args.BATCH_SIZE, seed=args.SEED + hvd.rank(),
+        skip_samples=first_epoch * steps_per_epoch * args.BATCH_SIZE))
+    test_batches = data.evaluation_dataset(
+        imgs_test, msks_test, data.shard_indices(len(imgs_test), hvd.rank(), hvd.size()),
+        args.BATCH_SIZE)
+
+    # Model and optimizer, identical on every rank: rank 0's, fresh or restored.
+    model, optimizer, schedule = build_model_and_optimizer(args, imgs_train.shape,
+                                                           msks_train.shape, steps_per_epoch)
+    if state and hvd.rank() == 0:
+        checkpoints.restore_state(model, state)
     broadcast_from_rank0(model.variables + optimizer.variables)
+    if state:
+        log(f"Resuming from {state['state_path']} after epoch {first_epoch} "
+            f"(step {int(optimizer.iterations)})")
+        say(f"rank {hvd.rank()}: resumed weights fingerprint "
+            f"{checkpoints.weights_fingerprint(model)}")
     train_step = make_train_step(model, optimizer, unet.bce_dice_loss)
     eval_step = make_eval_step(model, unet.bce_dice_loss)
 
-    # Only rank 0 writes: logs and the checkpoint.
-    checkpoint_path = os.path.join(args.OUTPUT_DIR, "model.keras")
-    callbacks = keras.callbacks.CallbackList(model=model)
-    if hvd.rank() == 0:
-        os.makedirs(args.OUTPUT_DIR, exist_ok=True)
-        callbacks = keras.callbacks.CallbackList([
-            keras.callbacks.CSVLogger(os.path.join(args.OUTPUT_DIR, "training_log.csv")),
-            keras.callbacks.TensorBoard(os.path.join(args.OUTPUT_DIR, "tensorboard"),
-                                        write_graph=False, profile_batch=0),
-        ], model=model)
+    callbacks = make_callbacks(model, args.OUTPUT_DIR, resuming=bool(state))
     callbacks.on_train_begin()
 
-    for epoch in range(args.EPOCHS):
+    # Early stopping and the best model follow validation Dice, which the allreduce makes
+    # bit-identical on every rank: all ranks take the same decision without a broadcast.
+    progress = state or checkpoints.new_progress(hvd.size(), steps_per_epoch)
+    progress["epochs"] = args.EPOCHS
+    export_path = os.path.join(args.OUTPUT_DIR, checkpoints.EXPORT_NAME)
+    seconds_this_run = []
+    for epoch in range(first_epoch, args.EPOCHS):
+        if progress["stopped_early"]:
+            break
         callbacks.on_epoch_begin(epoch)
-        started = time.perf_counter()
-        loss_sum, intersection, total = 0.0, 0.0, 0.0
-        for step in range(1, steps_per_epoch + 1):
-            loss, batch_intersection, batch_total = train_step(*next(train_batches))
-            loss_sum += float(loss)
-            intersection += float(batch_intersection)
-            total += float(batch_total)
-            if step % args.LOG_EVERY_STEPS == 0 and step < steps_per_epoch:
-                log(f"  epoch {epoch + 1} step {step}/{steps_per_epoch} "
-                    f"loss {loss_sum / step:.4f}")
-        seconds = time.perf_counter() - started
-        images_per_second = steps_per_epoch * args.BATCH_SIZE * hvd.size() / seconds
-        # Training loss and Dice of rank 0's shard; validation over all ranks' shards.
+        loss, dice, seconds = train_one_epoch(train_step, train_batches, steps_per_epoch,
+                                              epoch, args.LOG_EVERY_STEPS)
         val_loss, val_dice = evaluate(eval_step, test_batches)
-        logs = {"loss": loss_sum / steps_per_epoch, "dice": unet.dice_from_sums(intersection, total),
-                "val_loss": val_loss, "val_dice": val_dice,
+        seconds_this_run.append(seconds)
+        improved = checkpoints.record_epoch(progress, epoch, val_dice,
+                                            args.EARLY_STOPPING_PATIENCE)
+        epochs_left = 0 if progress["stopped_early"] else args.EPOCHS - epoch - 1
+        logs = {"loss": loss, "dice": dice, "val_loss": val_loss, "val_dice": val_dice,
                 "learning_rate": float(schedule(optimizer.iterations)),
-                "images_per_second": images_per_second, "epoch_seconds": seconds}
+                "images_per_second": steps_per_epoch * args.BATCH_SIZE * hvd.size() / seconds,
+                "epoch_seconds": seconds,
+                "eta_seconds": epochs_left * sum(seconds_this_run) / len(seconds_this_run)}
         callbacks.on_epoch_end(epoch, logs)
-        log(f"epoch {epoch + 1}/{args.EPOCHS}  " + "  ".join(
-            f"{name} {value:.4g}" for name, value in logs.items()))
+        log(epoch_line(epoch, args.EPOCHS, logs))
         if hvd.rank() == 0:
-            save_atomically(model, checkpoint_path)
+            # The export first: a crash in between then re-runs this epoch rather than
+            # leaving a state that claims a best model the export does not hold.
+            if improved:
+                checkpoints.export_for_inference(model, export_path)
+            checkpoints.save_state(model, args.OUTPUT_DIR,
+                                   {k: v for k, v in progress.items() if k != "state_path"})
+        if progress["stopped_early"]:
+            log(f"Early stopping: validation Dice has not improved for "
+                f"{args.EARLY_STOPPING_PATIENCE} epochs")
     callbacks.on_train_end()
-    print(f"rank {hvd.rank()}: final weights fingerprint {weights_fingerprint(model)}",
-          flush=True)
-    log(f"Saved {checkpoint_path}")
+    say(f"rank {hvd.rank()}: final weights fingerprint {checkpoints.weights_fingerprint(model)}")
+    say(f"rank {hvd.rank()}: {memory_line()}")
+    log(f"Saved {export_path}: epoch {progress['best_epoch']}, the best validation Dice "
+        f"({progress['best_val_dice']:.4f})")
 
 
 if __name__ == "__main__":

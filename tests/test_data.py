@@ -77,3 +77,39 @@ def test_missing_or_mismatched_arrays_name_the_file(tmp_path):
     np.save(tmp_path / "msks_test.npy", np.zeros((4, 8, 8, 1), np.uint8))
     with pytest.raises(ValueError, match="imgs_test.npy"):
         data.load_split(tmp_path, "test")
+
+
+def test_skipping_samples_continues_the_stream_of_an_uninterrupted_run():
+    """A run resumed after k epochs must see the batches the uninterrupted run saw next."""
+    imgs = np.random.default_rng(2).random((10, 8, 8, 4), dtype=np.float32)
+    msks = (imgs[..., :1] > 0.5).astype(np.uint8)
+    shard, batch_size, steps = np.arange(1, 10, 2), 2, 3  # shard of 5: wraps within an epoch
+    whole = [tuple(t.numpy() for t in batch) for batch in
+             data.training_dataset(imgs, msks, shard, batch_size, seed=5).take(3 * steps)]
+    resumed = [tuple(t.numpy() for t in batch) for batch in data.training_dataset(
+        imgs, msks, shard, batch_size, seed=5, skip_samples=2 * steps * batch_size).take(steps)]
+    for (image, mask), (expected_image, expected_mask) in zip(resumed, whole[2 * steps:]):
+        np.testing.assert_array_equal(image, expected_image)
+        np.testing.assert_array_equal(mask, expected_mask)
+
+
+def test_same_seed_and_rank_count_give_the_same_shards_and_augmentations():
+    """What each rank of a 2-rank run reads (shard and augmented batches, seeded with
+    SEED + rank as train_horovod.py does) is the same in every run with the same seed."""
+    imgs = np.random.default_rng(3).random((14, 8, 8, 4), dtype=np.float32)
+    msks = (imgs[..., :1] > 0.5).astype(np.uint8)
+
+    def run(seed, num_ranks=2):
+        per_rank = []
+        for rank in range(num_ranks):
+            shard = data.shard_indices(len(imgs), rank, num_ranks)
+            batches = data.training_dataset(imgs, msks, shard, 3, seed=seed + rank).take(4)
+            per_rank.append((shard, [np.concatenate([b[0].numpy(), b[1].numpy()], axis=-1)
+                                     for b in batches]))
+        return per_rank
+    first, again = run(42), run(42)
+    for (shard, batches), (shard_again, batches_again) in zip(first, again):
+        np.testing.assert_array_equal(shard, shard_again)
+        np.testing.assert_array_equal(batches, batches_again)
+    assert not np.array_equal(first[0][1], first[1][1])  # ranks see different batches
+    assert not np.array_equal(first[0][1], run(43)[0][1])  # and another seed changes them

@@ -1,0 +1,355 @@
+"""Training speed, scaling and memory on this machine, measured side by side in one run.
+
+    .venv/bin/python bench/training.py [--json FILE] [--steps N] [--batch-size N] ...
+
+What it measures (images per second after a warm-up epoch, aggregate over all ranks):
+  - plain single-process Keras fit() on the same model and data: the baseline a user would
+    write; train_horovod.py with 1 rank must be within 5% of it;
+  - train_horovod.py under mpirun for every (ranks x threads per rank) that fits the cores,
+    each rank bound to its own cores as run_multinode.sh does: 1x1, 1x2, 2x1 on 2 cores;
+  - float32 against mixed_bfloat16 (1 rank on all cores); the rest runs in the precision
+    PRECISION="auto" picks here (bfloat16 only with AMX);
+  - achieved GFLOP/s: images/s x 3 x the model's forward FLOPs per slice (forward, input
+    gradient and weight gradient each cost about one forward pass);
+  - data.py alone (the same tf.data pipeline, no model): it must deliver >= 10x the training
+    rate, or it, not the model, would set the pace;
+  - peak resident memory per rank on a dataset and on one 4x larger (memory-mapped: the
+    anonymous memory must not grow);
+  - when 2 ranks x 1 thread reach less than 90% of the best 1-rank configuration (or with
+    --diagnose), the same 2 ranks without core binding, with a short and a long Horovod
+    cycle time, with Open MPI busy-polling, and two independent 1-thread trainings
+    without Horovod at all, to separate Horovod's cost from what sharing the machine costs.
+
+Every measurement starts its own processes (TensorFlow's thread pools are fixed at start)
+and trains the settings.py model (BASE_FILTERS, DEPTH, IMAGE_SIZE) on random slices: speed
+does not depend on pixel values, and random data needs no conversion step. Absolute numbers
+drift with machine load; compare the ratios, which are measured minutes apart.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_DIR)
+
+import settings  # noqa: E402
+
+PYTHON = sys.executable
+TRAIN_SCRIPT = os.path.join(REPO_DIR, "train_horovod.py")
+
+
+# --- Data ------------------------------------------------------------------------------------
+def write_random_split(folder, split, num_slices, image_size, seed):
+    """imgs_<split>.npy / msks_<split>.npy as converter.py writes them, filled chunk by chunk
+    through a memory map so that even the large dataset never sits in this process's memory."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    imgs = np.lib.format.open_memmap(os.path.join(folder, f"imgs_{split}.npy"), "w+",
+                                     np.float32, (num_slices, image_size, image_size, 4))
+    msks = np.lib.format.open_memmap(os.path.join(folder, f"msks_{split}.npy"), "w+",
+                                     np.uint8, (num_slices, image_size, image_size, 1))
+    for start in range(0, num_slices, 64):
+        chunk = rng.standard_normal((min(64, num_slices - start), image_size, image_size, 4),
+                                    dtype=np.float32)
+        imgs[start:start + len(chunk)] = chunk
+        msks[start:start + len(chunk)] = chunk[..., :1] > 1.0  # ~16% "tumor"
+    imgs.flush()
+    msks.flush()
+
+
+def make_dataset(folder, num_train, image_size):
+    os.makedirs(folder, exist_ok=True)
+    write_random_split(folder, "train", num_train, image_size, seed=1)
+    write_random_split(folder, "test", 16, image_size, seed=2)  # validation: kept negligible
+    return folder
+
+
+# --- Measurements ----------------------------------------------------------------------------
+def run(command, env=None, timeout=900):
+    result = subprocess.run(command, cwd=REPO_DIR, capture_output=True, text=True,
+                            timeout=timeout, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+                                                      **(env or {})))
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}"
+                           f"\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def train_flags(args, data_dir, output_dir, precision, threads):
+    """Two epochs of args.steps steps: the first warms up (graph tracing, oneDNN kernel
+    selection, tf.data autotuning), the second is measured."""
+    return ["--data-dir", data_dir, "--output-dir", output_dir, "--epochs", "2",
+            "--steps-per-epoch", str(args.steps), "--batch-size", str(args.batch_size),
+            "--precision", precision, "--num-intra-threads", str(threads),
+            "--num-inter-threads", "1", "--early-stopping-patience", "0",
+            "--log-every-steps", "100000", "--warmup-epochs", "0"]
+
+
+def horovod(args, data_dir, ranks, threads, precision, bind=True, env=None):
+    """train_horovod.py under mpirun, each rank bound to `threads` cores of its own (the
+    launcher's --bind-to core --map-by slot:PE=k), or unbound. Returns the measured epoch's
+    images/s (all ranks) and each rank's memory line."""
+    output_dir = tempfile.mkdtemp(prefix="bench_train_", dir=args.work_dir)
+    binding = (["--bind-to", "core", "--map-by", f"slot:PE={threads}"] if bind
+               else ["--bind-to", "none"])
+    command = ["mpirun", "-np", str(ranks), *binding, "--oversubscribe"]
+    if os.geteuid() == 0:
+        command.append("--allow-run-as-root")
+    command += [PYTHON, TRAIN_SCRIPT, *train_flags(args, data_dir, output_dir, precision,
+                                                    threads)]
+    stdout = run(command, env)
+    rates = re.findall(r"^epoch 2/2 .* ([0-9.]+) img/s", stdout, re.MULTILINE)
+    memory = re.findall(r"rank (\d+): peak RSS (\d+) MiB \(now (\d+) MiB anonymous",
+                        stdout)
+    return {"img_s": float(rates[-1]),
+            "peak_rss_mib": {int(rank): int(peak) for rank, peak, _ in memory},
+            "anon_rss_mib": {int(rank): int(anon) for rank, _, anon in memory}}
+
+
+def plain_fit(args, data_dir, precision, threads, cpus=None):
+    """The plain Keras baseline in its own process (optionally pinned to `cpus`)."""
+    command = [PYTHON, os.path.abspath(__file__), "--plain-fit-worker", "--data-dir", data_dir,
+               "--precision", precision, "--threads", str(threads), "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size)]
+    if cpus is not None:
+        command = ["taskset", "-c", cpus, *command]
+    return json.loads(run(command).strip().splitlines()[-1])["img_s"]
+
+
+def plain_fit_worker(args):
+    """Runs inside the subprocess: model.compile + model.fit, as in the Keras examples, on the
+    same model, loss and tf.data pipeline as train_horovod.py (whole training set, one rank)."""
+    import keras
+    import tensorflow as tf
+
+    import data
+    import model as unet
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    unet.set_precision(args.precision)
+    keras.utils.set_random_seed(settings.SEED)
+    imgs, msks = data.load_split(args.data_dir, "train")
+    batches = data.training_dataset(imgs, msks, data.shard_indices(len(imgs), 0, 1),
+                                    args.batch_size, seed=settings.SEED)
+    net = unet.build_unet(imgs.shape[1], imgs.shape[3], msks.shape[3], settings.BASE_FILTERS,
+                          settings.DEPTH, settings.USE_TRANSPOSED_CONV, settings.USE_BATCH_NORM,
+                          settings.DROPOUT)
+    net.compile(optimizer=keras.optimizers.Adam(settings.LEARNING_RATE),
+                loss=unet.bce_dice_loss)
+    epoch_seconds = []
+    timer = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: epoch_seconds.append(-time.perf_counter()),
+        on_epoch_end=lambda epoch, logs: epoch_seconds.__setitem__(
+            -1, epoch_seconds[-1] + time.perf_counter()))
+    # Two epochs, the second measured, exactly as the train_horovod.py runs are measured.
+    net.fit(batches, epochs=2, steps_per_epoch=args.steps, verbose=0, callbacks=[timer])
+    print(json.dumps({"img_s": args.steps * args.batch_size / epoch_seconds[-1]}))
+
+
+def data_pipeline_img_s(data_dir, batch_size, batches=200):
+    """data.py alone: shuffled, augmented batches read from the memory map, no model."""
+    import data
+
+    imgs, msks = data.load_split(data_dir, "train")
+    stream = iter(data.training_dataset(imgs, msks, data.shard_indices(len(imgs), 0, 1),
+                                        batch_size, seed=settings.SEED))
+    for _ in range(20):  # warm-up: autotuning and the first reads
+        next(stream)
+    started = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    return batches * batch_size / (time.perf_counter() - started)
+
+
+def forward_flops(image_size):
+    import model as unet
+
+    net = unet.build_unet(image_size, 4, 1, settings.BASE_FILTERS, settings.DEPTH,
+                          settings.USE_TRANSPOSED_CONV, settings.USE_BATCH_NORM)
+    return unet.forward_flops_per_slice(net)
+
+
+# --- Report ----------------------------------------------------------------------------------
+def print_table(results, flops):
+    print(f"\n{'configuration':<56} {'img/s':>8} {'GFLOP/s':>8}")
+    for name, img_s in results["configurations"].items():
+        gflop_s = "" if name.startswith("data.py") else f"{img_s * 3 * flops / 1e9:8.1f}"
+        print(f"{name:<56} {img_s:8.1f} {gflop_s:>8}")
+    print()
+    for name, value in results["ratios"].items():
+        print(f"{name:<60} {value:6.2f}")
+    print()
+    for line in results["memory"]["lines"]:
+        print(line)
+    for line in results.get("findings", []):
+        print(line)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--steps", type=int, default=6, help="measured steps per run")
+    parser.add_argument("--batch-size", type=int, default=16, help="per rank")
+    parser.add_argument("--image-size", type=int, default=settings.IMAGE_SIZE)
+    parser.add_argument("--train-slices", type=int, default=1024,
+                        help="small dataset; the memory check also uses 4x this")
+    parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temp)")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="measure why 2 ranks fall short even when they reach 90%%")
+    parser.add_argument("--plain-fit-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_fit_worker:
+        return plain_fit_worker(args)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import model as unet
+
+    args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="bench_training_")
+    cores = len(os.sched_getaffinity(0))
+    fast = unet.resolve_precision("auto")  # what a run here uses by default
+    print(f"{cores} cores, default precision {fast} (AMX-BF16: "
+          f"{unet.cpu_has_fast_bfloat16()}, AVX512_BF16: {unet.cpu_supports_bfloat16()}); "
+          f"batch {args.batch_size} per rank, {args.steps} measured steps after a warm-up "
+          f"epoch; scratch in {args.work_dir}",
+          flush=True)
+    small = make_dataset(os.path.join(args.work_dir, "small"), args.train_slices,
+                         args.image_size)
+    large = make_dataset(os.path.join(args.work_dir, "large"), 4 * args.train_slices,
+                         args.image_size)
+    flops = forward_flops(args.image_size)
+
+    def step(name):
+        print(f"  measuring {name} ...", flush=True)
+        return name
+
+    configurations = {}
+    name = step(f"plain keras fit, 1 process x {cores} threads, {fast}")
+    configurations[name] = plain_fit(args, small, fast, cores)
+    sweep = {}
+    for ranks in (1, 2):
+        for threads in range(1, cores // ranks + 1):
+            name = step(f"train_horovod {ranks} rank{'s' * (ranks > 1)} x {threads} "
+                        f"thread{'s' * (threads > 1)}, {fast}")
+            sweep[(ranks, threads)] = horovod(args, small, ranks, threads, fast)
+            configurations[name] = sweep[(ranks, threads)]["img_s"]
+    by_precision = {fast: sweep[(1, cores)]["img_s"]}
+    other = "float32" if fast == "mixed_bfloat16" else "mixed_bfloat16"
+    name = step(f"train_horovod 1 rank x {cores} threads, {other}")
+    by_precision[other] = configurations[name] = horovod(args, small, 1, cores, other)["img_s"]
+    two_ranks = sweep[(2, cores // 2)]
+    step(f"train_horovod 2 ranks on the {4 * args.train_slices}-slice dataset (memory)")
+    large_run = horovod(args, large, 2, cores // 2, fast)
+    step("data.py alone")
+    data_img_s = data_pipeline_img_s(small, args.batch_size)
+    configurations["data.py alone (no model)"] = data_img_s
+
+    best_one_rank = max(sweep[(1, t)]["img_s"] for t in range(1, cores + 1))
+    plain = next(iter(configurations.values()))
+    results = {
+        "cores": cores, "default_precision": fast, "batch_size_per_rank": args.batch_size,
+        "measured_steps": args.steps, "image_size": args.image_size,
+        "forward_gflop_per_slice": flops / 1e9,
+        "plain_fit_img_s": plain,
+        "hvd_1rank_img_s": sweep[(1, cores)]["img_s"],
+        "hvd_2rank_img_s": two_ranks["img_s"],
+        "fp32_img_s": by_precision["float32"],
+        "bf16_img_s": by_precision["mixed_bfloat16"],
+        "data_pipeline_img_s": data_img_s,
+        "threads_sweep_img_s": {f"{r}x{t}": v["img_s"] for (r, t), v in sweep.items()},
+        "configurations": configurations,
+    }
+    results["gflop_s"] = {name: v * 3 * flops / 1e9 for name, v in configurations.items()
+                          if not name.startswith("data.py")}
+    results["ratios"] = {
+        "horovod 1 rank / plain fit (target >= 0.95)": results["hvd_1rank_img_s"] / plain,
+        "2 ranks x 1 thread / best 1 rank (target >= 0.90)": two_ranks["img_s"] / best_one_rank,
+        "data.py alone / best training rate (target >= 10)":
+            data_img_s / max(v for k, v in configurations.items() if "data.py" not in k),
+    }
+    results["ratios"]["bf16 / float32 (target >= 1.8 with AMX)"] = \
+        results["bf16_img_s"] / results["fp32_img_s"]
+    results["memory"] = {
+        "small_train_slices": args.train_slices, "large_train_slices": 4 * args.train_slices,
+        "small_peak_rss_mib": two_ranks["peak_rss_mib"],
+        "large_peak_rss_mib": large_run["peak_rss_mib"],
+        "small_anon_rss_mib": two_ranks["anon_rss_mib"],
+        "large_anon_rss_mib": large_run["anon_rss_mib"],
+        "lines": [f"rank {rank}: peak RSS {two_ranks['peak_rss_mib'][rank]} MiB with "
+                  f"{args.train_slices} slices, {large_run['peak_rss_mib'][rank]} MiB with "
+                  f"{4 * args.train_slices} (anonymous {two_ranks['anon_rss_mib'][rank]} -> "
+                  f"{large_run['anon_rss_mib'][rank]} MiB)"
+                  for rank in sorted(two_ranks["peak_rss_mib"])]}
+    if (args.diagnose or two_ranks["img_s"] < 0.9 * best_one_rank) and cores >= 2:
+        results["diagnosis"] = diagnose_two_ranks(args, small, fast, two_ranks["img_s"],
+                                                  sweep[(1, 1)]["img_s"], best_one_rank)
+        results["findings"] = results["diagnosis"].pop("findings")
+    print_table(results, flops)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(results, file, indent=2)
+        print(f"\nWrote {args.json}")
+
+
+def diagnose_two_ranks(args, data_dir, precision, two_rank_img_s, one_by_one_img_s,
+                       best_one_rank):
+    """Why 2 ranks x 1 thread fall short: the same job unbound; with Horovod's cycle time
+    at 0.1 ms and 20 ms instead of HOROVOD_CYCLE_TIME_MS (1 ms, Horovod's default; its
+    background thread meets the other ranks in MPI every
+    HOROVOD_CYCLE_TIME ms); with Open MPI busy-polling while it waits (train_horovod.py
+    asks it to yield the core instead, OMPI_MCA_mpi_yield_when_idle=1); and two independent
+    1-thread plain trainings, each pinned to a core, which have no Horovod at all: if they
+    fall short too, the cores themselves slow down when both work (shared execution units,
+    caches or memory bandwidth), not Horovod."""
+    print("  diagnosing 2 ranks x 1 thread ...", flush=True)
+    unbound = horovod(args, data_dir, 2, 1, precision, bind=False)["img_s"]
+    short_cycle = horovod(args, data_dir, 2, 1, precision,
+                          env={"HOROVOD_CYCLE_TIME": "0.1"})["img_s"]
+    long_cycle = horovod(args, data_dir, 2, 1, precision,
+                         env={"HOROVOD_CYCLE_TIME": "20"})["img_s"]
+    busy_polling = horovod(args, data_dir, 2, 1, precision,
+                           env={"OMPI_MCA_mpi_yield_when_idle": "0"})["img_s"]
+    independent = run_in_parallel([
+        lambda: plain_fit(args, data_dir, precision, 1, cpus="0"),
+        lambda: plain_fit(args, data_dir, precision, 1, cpus="1")])
+    alone = plain_fit(args, data_dir, precision, 1, cpus="0")
+    together = sum(independent)
+    findings = [
+        "",
+        "Why 2 ranks x 1 thread fall short of the best 1-rank configuration:",
+        f"  2 ranks x 1 thread, bound:                 {two_rank_img_s:8.1f} img/s",
+        f"  2 ranks x 1 thread, unbound:               {unbound:8.1f} img/s",
+        f"  2 ranks, HOROVOD_CYCLE_TIME=0.1 ms:        {short_cycle:8.1f} img/s",
+        f"  2 ranks, HOROVOD_CYCLE_TIME=20 ms:         {long_cycle:8.1f} img/s",
+        f"  2 ranks, Open MPI busy-polling (yield 0):  {busy_polling:8.1f} img/s",
+        f"  1 rank x 1 thread (Horovod), x 2:          {2 * one_by_one_img_s:8.1f} img/s",
+        f"  plain fit, 1 thread, one core alone:       {alone:8.1f} img/s",
+        f"  plain fit, 1 thread, both cores at once:   {together:8.1f} img/s "
+        f"({independent[0]:.1f} + {independent[1]:.1f}; no Horovod)",
+        f"  best 1 rank:                               {best_one_rank:8.1f} img/s",
+        f"  => two busy cores give {together / (2 * alone):.2f}x two cores' worth of one busy "
+        f"core; Horovod's share: {two_rank_img_s / together:.2f} of the independent runs",
+    ]
+    return {"unbound_img_s": unbound, "short_cycle_img_s": short_cycle,
+            "long_cycle_img_s": long_cycle, "busy_polling_img_s": busy_polling,
+            "independent_plain_1thread_img_s": independent, "plain_1thread_alone_img_s": alone,
+            "findings": findings}
+
+
+def run_in_parallel(calls):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [future.result() for future in [pool.submit(call) for call in calls]]
+
+
+if __name__ == "__main__":
+    main()
