@@ -2,11 +2,20 @@
 # Launches train_horovod.py on every host in hosts.txt with mpirun (one Horovod worker per
 # slot), binding each worker to its own cores and exporting the environment it needs.
 #
-#   ./run_multinode.sh [--hosts FILE] [--dry-run] [-- TRAIN_FLAGS...]
+#   ./run_multinode.sh [--hosts FILE] [--agent CMD] [--network NET] [--sync-data]
+#                      [--host-timeout SECONDS] [--no-preflight | --preflight-only]
+#                      [--gloo] [--dry-run] [-- TRAIN_FLAGS...]
 #
 # TRAIN_FLAGS go to train_horovod.py, e.g. -- --epochs 4 --batch-size 16.
-# Every host must have this project at the same path with the same .venv (passwordless ssh
-# from this host, as mpirun requires).
+#   --agent CMD       how to reach the hosts (default LAUNCH_AGENT: ssh; Open MPI plm_rsh_agent)
+#   --network NET     interfaces or CIDR subnets the ranks talk over (default NETWORK_INTERFACE)
+#   --sync-data       rsync DATA_DIR to every host over the agent first (only what differs)
+#   --host-timeout S  a host silent this long stops the job (default HOST_TIMEOUT_SECONDS)
+#   --gloo            launch with horovodrun's Gloo controller instead of mpirun (ssh only)
+#   --no-preflight    skip the check that every host answers and has the same project,
+#                     Python environment and data; --preflight-only: check, do not train
+# Every host needs this project at the same path with the same .venv, reachable with the
+# agent without a password (see README, "Multi-node execution").
 set -euo pipefail
 
 repo_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -14,14 +23,32 @@ python_bin="$repo_dir/.venv/bin/python"
 [ -x "$python_bin" ] || python_bin="$(command -v python3)"
 hosts_file="$repo_dir/hosts.txt"
 dry_run=0
+agent=""
+network=""
+network_set=0
+preflight=1
+preflight_only=0
+sync_data=""
+host_timeout=""
+gloo=0
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "run_multinode.sh: $*" >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --hosts) [ $# -ge 2 ] || die "--hosts needs a file"; hosts_file="$2"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
+        --agent) [ $# -ge 2 ] && [ -n "$2" ] || die "--agent needs a command"
+                 agent="$2"; shift 2 ;;
+        --network) [ $# -ge 2 ] || die "--network needs interfaces or subnets"
+                   network="$2"; network_set=1; shift 2 ;;
+        --sync-data) sync_data="--sync-data"; shift ;;
+        --host-timeout) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--host-timeout needs whole seconds"
+                        host_timeout="$2"; shift 2 ;;
+        --no-preflight) preflight=0; shift ;;
+        --gloo) gloo=1; shift ;;
+        --preflight-only) preflight_only=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; break ;;
         *) die "unknown option '$1' (train_horovod.py flags go after --)" ;;
@@ -31,6 +58,7 @@ done
 
 # Parse hosts.txt into mpirun's --host list: "name:slots,name:slots".
 host_list=""
+hosts=()
 total_slots=0
 first_host_slots=0
 line_number=0
@@ -50,6 +78,7 @@ while IFS= read -r line || [ -n "$line" ]; do
     [ -z "${extra:-}" ] || die "$hosts_file:$line_number: unexpected '$extra'"
     [ "$first_host_slots" -gt 0 ] || first_host_slots="$slots"
     host_list="${host_list:+$host_list,}$host:$slots"
+    hosts+=("$host")
     total_slots=$((total_slots + slots))
 done <"$hosts_file"
 [ "$total_slots" -gt 0 ] || die "$hosts_file: no hosts listed"
@@ -57,8 +86,16 @@ done <"$hosts_file"
 # Each worker gets its own cores (assumes the hosts are alike: sized from this one).
 cores_per_worker=$(( $(nproc) / first_host_slots ))
 [ "$cores_per_worker" -ge 1 ] || cores_per_worker=1
-read -r kmp_blocktime kmp_affinity < <(cd "$repo_dir" && "$python_bin" -c \
-    'import settings; print(settings.KMP_BLOCKTIME, settings.KMP_AFFINITY)')
+# Defaults from settings.py, one per line (the agent may contain spaces).
+{ read -r kmp_blocktime; read -r kmp_affinity; read -r default_host_timeout
+  read -r default_agent; read -r default_network; } < <(cd "$repo_dir" && "$python_bin" -c \
+    'import settings as s; print(s.KMP_BLOCKTIME, s.KMP_AFFINITY, s.HOST_TIMEOUT_SECONDS,
+                                 s.LAUNCH_AGENT, s.NETWORK_INTERFACE, sep="\n")')
+[ -n "$host_timeout" ] || host_timeout="$default_host_timeout"
+[ -n "$agent" ] || agent="$default_agent"
+[ "$network_set" -eq 1 ] || network="$default_network"
+[[ "$network" =~ ^[A-Za-z0-9_.:/,-]*$ ]] ||
+    die "--network: '$network' is not a list of interfaces or subnets"
 
 export OMP_NUM_THREADS="$cores_per_worker" KMP_BLOCKTIME="$kmp_blocktime" KMP_AFFINITY="$kmp_affinity"
 export PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}"
@@ -66,19 +103,83 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
 export VIRTUAL_ENV="${VIRTUAL_ENV:-$repo_dir/.venv}"
 export PYTHONUNBUFFERED=1
 
-command=(mpirun -np "$total_slots" --host "$host_list"
-    --bind-to core --map-by "slot:PE=$cores_per_worker" --report-bindings
-    --wdir "$repo_dir")
-for variable in PATH PYTHONPATH VIRTUAL_ENV LD_LIBRARY_PATH PYTHONUNBUFFERED OMP_NUM_THREADS \
-                KMP_BLOCKTIME KMP_AFFINITY TF_CPP_MIN_LOG_LEVEL; do
-    [ -z "${!variable+set}" ] || command+=(-x "$variable")
-done
-[ "$(id -u)" -ne 0 ] || command+=(--allow-run-as-root)
+mpirun_command() {
+    command=(mpirun -np "$total_slots" --host "$host_list"
+        --bind-to core --map-by "slot:PE=$cores_per_worker" --report-bindings
+        --wdir "$repo_dir"
+        --mca plm_rsh_agent "$agent")
+    # A host that goes silent (link down, node off) is declared lost after about
+    # HOST_TIMEOUT_SECONDS: TCP keepalive on the daemons' connections, probing every 2 s.
+    local keepalive_interval=2 keepalive_probes=3 keepalive_idle
+    keepalive_idle=$(( host_timeout - keepalive_interval * keepalive_probes ))
+    [ "$keepalive_idle" -ge 1 ] || keepalive_idle=1
+    command+=(--mca oob_tcp_keepalive_time "$keepalive_idle"
+        --mca oob_tcp_keepalive_intvl "$keepalive_interval"
+        --mca oob_tcp_keepalive_probes "$keepalive_probes")
+    if [ -n "$network" ]; then
+        command+=(--mca oob_tcp_if_include "$network" --mca btl_tcp_if_include "$network")
+    fi
+    for variable in PATH PYTHONPATH VIRTUAL_ENV LD_LIBRARY_PATH PYTHONUNBUFFERED OMP_NUM_THREADS \
+                    KMP_BLOCKTIME KMP_AFFINITY TF_CPP_MIN_LOG_LEVEL; do
+        [ -z "${!variable+set}" ] || command+=(-x "$variable")
+    done
+    [ "$(id -u)" -ne 0 ] || command+=(--allow-run-as-root)
+}
+
+# horovodrun with Gloo: no MPI needed. It reaches other hosts with ssh, forwards this
+# environment to every rank, takes interface names (not subnets), and does not bind.
+horovodrun_command() {
+    [ "$agent" = "ssh" ] ||
+        die "--gloo: horovodrun reaches other hosts with ssh only, not '$agent'"
+    [[ ! "$network" =~ / ]] ||
+        die "--gloo: horovodrun takes interface names (e.g. eth0), not the subnet '$network'"
+    command=("$repo_dir/.venv/bin/horovodrun" --gloo -np "$total_slots" -H "$host_list"
+        --gloo-timeout-seconds "$host_timeout")
+    [ -x "${command[0]}" ] || command[0]=horovodrun
+    [ -z "$network" ] || command+=(--network-interfaces "$network")
+}
+
+if [ "$gloo" -eq 1 ]; then horovodrun_command; else mpirun_command; fi
 command+=("$python_bin" "$repo_dir/train_horovod.py" "$@")
 
 if [ "$dry_run" -eq 1 ]; then
     printf '%q ' "${command[@]}"; echo
     exit 0
 fi
+
+# Before launching: every host answers and can run the same job on the same data.
+data_dir=""
+for ((i = 1; i <= $#; i++)); do
+    case "${!i}" in
+        --data-dir) next=$((i + 1)); data_dir="${!next:-}" ;;
+        --data-dir=*) data_dir="${!i#--data-dir=}" ;;
+    esac
+done
+if [ "$preflight" -eq 1 ] || [ "$preflight_only" -eq 1 ] || [ -n "$sync_data" ]; then
+    (cd "$repo_dir" && "$python_bin" preflight.py --launch-agent "$agent" \
+        --host-timeout-seconds "$host_timeout" ${data_dir:+--data-dir "$data_dir"} \
+        $sync_data -- "${hosts[@]}") || exit 2
+fi
+[ "$preflight_only" -eq 0 ] || exit 0
 echo "Launching $total_slots workers on $host_list ($cores_per_worker cores each)"
-exec "${command[@]}"
+# mpirun (or horovodrun) runs in the background so that a TERM or INT sent to this script
+# reaches it, and through it every rank, instead of orphaning the job.
+cd "$repo_dir"  # relative paths in TRAIN_FLAGS are relative to the project, as with --wdir
+"${command[@]}" &
+mpirun_pid=$!
+interrupted=0
+trap 'interrupted=1; kill -TERM "$mpirun_pid" 2>/dev/null' TERM INT HUP
+status=0
+while :; do
+    wait "$mpirun_pid" && status=0 || status=$?
+    kill -0 "$mpirun_pid" 2>/dev/null || break  # wait returned for a trapped signal
+done
+if [ "$interrupted" -eq 1 ]; then
+    echo "run_multinode.sh: stopped by a signal. Rerun the same command to resume from the" \
+         "last checkpoint in the output folder." >&2
+elif [ "$status" -ne 0 ]; then
+    echo "run_multinode.sh: training failed (${command[0]##*/} exit status $status); its" \
+         "message above names the rank or host. Rerun the same command to resume from the" \
+         "last checkpoint in the output folder." >&2
+fi
+exit "$status"

@@ -85,6 +85,16 @@ KMP_AFFINITY = "granularity=fine,compact,1,0"
 
 # --- Launch ---------------------------------------------------------------------------------
 HOSTS_FILE = os.path.join(_HERE, "hosts.txt")
+# How mpirun and the launcher's checks reach the other hosts (Open MPI's plm_rsh_agent): a
+# command called as `AGENT HOST COMMAND...`, passwordless. The tests use scripts/netns_rsh.sh.
+LAUNCH_AGENT = "ssh"
+# The network the ranks and MPI's daemons talk over: interface names or subnets in CIDR
+# notation, comma-separated (e.g. "eth0" or "10.1.0.0/16"); "" lets Open MPI use every one.
+# Set it when nodes have several networks and only one connects them all.
+NETWORK_INTERFACE = ""
+# A host silent for about this long (its link down, the node powered off) is declared lost
+# and the whole job stops: Open MPI's TCP keepalive on the daemons' connections.
+HOST_TIMEOUT_SECONDS = 20
 
 # --- Inference -----------------------------------------------------------------------------
 CHECKPOINT = os.path.join(OUTPUT_DIR, "model.keras")

@@ -23,6 +23,7 @@ install_os_packages() {
     command -v cmake >/dev/null || missing+=(cmake)
     command -v g++ >/dev/null || missing+=(g++)
     command -v ip >/dev/null || missing+=(iproute2)
+    command -v rsync >/dev/null || missing+=(rsync)  # run_multinode.sh --sync-data
     [ ${#missing[@]} -eq 0 ] && return
     if [ "$(id -u)" -ne 0 ]; then
         echo "[setup] missing OS packages: ${missing[*]}" >&2

@@ -1,7 +1,12 @@
-"""run_multinode.sh: hosts.txt parsing and the mpirun command it builds (--dry-run)."""
+"""run_multinode.sh: hosts.txt parsing, the mpirun or horovodrun command it builds
+(--dry-run), and two real runs on this machine: horovodrun --gloo, and a TERM that stops every
+rank. Runs across hosts are in test_multihost.py."""
 import os
+import re
 import shlex
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -61,3 +66,106 @@ def test_default_hosts_file_runs_two_workers_on_this_machine():
     with open(os.path.join(REPO_DIR, "hosts.txt")) as file:
         hosts = [line.split("#")[0].split() for line in file]
     assert [h for h in hosts if h] == [["localhost", "slots=2"]]
+
+
+def test_agent_network_and_host_timeout_reach_mpirun(tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("node-a\nnode-b\n")
+    result = subprocess.run([LAUNCHER, "--hosts", str(hosts), "--agent", "ssh -p 2222",
+                             "--network", "10.1.0.0/16,eth1", "--host-timeout", "12",
+                             "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout)
+    mca = {command[i + 1]: command[i + 2] for i, word in enumerate(command) if word == "--mca"}
+    assert mca["plm_rsh_agent"] == "ssh -p 2222"
+    assert mca["oob_tcp_if_include"] == mca["btl_tcp_if_include"] == "10.1.0.0/16,eth1"
+    # Keepalive: idle time plus interval x probes is the host timeout.
+    assert (int(mca["oob_tcp_keepalive_time"]) + int(mca["oob_tcp_keepalive_intvl"]) *
+            int(mca["oob_tcp_keepalive_probes"])) == 12
+
+
+def test_default_agent_is_ssh_and_no_interface_is_forced(tmp_path):
+    command = shlex.split(dry_run("node-a\n", tmp_path).stdout)
+    assert command[command.index("plm_rsh_agent") + 1] == "ssh"
+    assert "oob_tcp_if_include" not in command and "btl_tcp_if_include" not in command
+
+
+@pytest.mark.parametrize("flags,problem", [
+    (["--network", "eth0;reboot"], "not a list of interfaces or subnets"),
+    (["--host-timeout", "soon"], "--host-timeout needs whole seconds"),
+    (["--agent", ""], "--agent needs a command"),
+    (["--gloo", "--agent", "/opt/rsh"], "horovodrun reaches other hosts with ssh only"),
+    (["--gloo", "--network", "10.0.0.0/8"], "interface names (e.g. eth0), not the subnet"),
+])
+def test_bad_launcher_flags_are_rejected(tmp_path, flags, problem):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("node-a\n")
+    result = subprocess.run([LAUNCHER, "--hosts", str(hosts), *flags, "--dry-run"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and problem in result.stderr
+
+
+def test_gloo_builds_the_horovodrun_command(tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("node-a slots=2\nnode-b slots=2\n")
+    result = subprocess.run([LAUNCHER, "--hosts", str(hosts), "--gloo", "--network", "eth1",
+                             "--dry-run", "--", "--epochs", "2"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout)
+    assert command[0].endswith("horovodrun") and "--gloo" in command
+    assert command[command.index("-np") + 1] == "4"
+    assert command[command.index("-H") + 1] == "node-a:2,node-b:2"
+    assert command[command.index("--network-interfaces") + 1] == "eth1"
+    assert command[-3:] == [os.path.join(REPO_DIR, "train_horovod.py"), "--epochs", "2"]
+
+
+def test_gloo_training_runs_two_workers_without_mpirun(converted_dir, tmp_path):
+    """horovodrun --gloo on this machine: both ranks train and end with the same weights."""
+    result = subprocess.run(
+        [LAUNCHER, "--gloo", "--", "--data-dir", str(converted_dir),
+         "--output-dir", str(tmp_path / "run"), "--epochs", "1", "--steps-per-epoch", "2",
+         "--batch-size", "4", "--base-filters", "4", "--depth", "2"],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    prints = dict(re.findall(r"rank (\d): final weights fingerprint ([0-9a-f]{16})",
+                             result.stdout))
+    assert sorted(prints) == ["0", "1"] and len(set(prints.values())) == 1, result.stdout
+    assert (tmp_path / "run" / "model.keras").exists()
+
+
+def test_terminating_the_launcher_stops_every_rank(converted_dir, tmp_path):
+    """A TERM sent to run_multinode.sh (a batch system's time limit, Ctrl-C) reaches mpirun
+    and the ranks: nothing keeps training in the background."""
+    output_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [LAUNCHER, "--", "--data-dir", str(converted_dir), "--output-dir", str(output_dir),
+         "--epochs", "500", "--steps-per-epoch", "5", "--batch-size", "4", "--base-filters",
+         "4", "--depth", "2", "--early-stopping-patience", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    deadline = time.monotonic() + 180
+    while not (output_dir / "training_state.json").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=60)
+    assert launcher.returncode != 0
+    assert "stopped by a signal. Rerun the same command to resume" in output
+    time.sleep(1)  # ranks already killed may take a moment to be reaped
+    assert processes_mentioning(str(output_dir)) == []
+
+
+def processes_mentioning(text):
+    """Command lines of running processes that contain `text`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                command_line = file.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command_line:
+            found.append(command_line)
+    return found

@@ -1,0 +1,93 @@
+"""preflight.py: how a host's report is compared with the launching host's."""
+import copy
+import json
+import subprocess
+import sys
+
+import preflight
+from conftest import REPO_DIR
+
+
+def reports(converted_dir):
+    here = preflight.host_report(str(converted_dir))
+    return here, copy.deepcopy(here)
+
+
+def test_a_report_describes_the_arrays_from_their_headers(converted_dir):
+    here = preflight.host_report(str(converted_dir))
+    import numpy as np
+    images = np.load(converted_dir / "imgs_train.npy", mmap_mode="r")
+    assert here["data"]["imgs_train.npy"]["shape"] == list(images.shape)
+    assert here["data"]["imgs_train.npy"]["dtype"] == str(images.dtype)
+    assert set(here["data"]) == {"imgs_train.npy", "msks_train.npy", "imgs_test.npy",
+                                 "msks_test.npy", "manifest.json"}
+    assert "train_horovod.py" in here["project_files"] and here["packages"]["horovod"]
+
+
+def test_identical_hosts_have_no_problems(converted_dir):
+    here, there = reports(converted_dir)
+    assert preflight.compare_reports("node2", here, there) == []
+
+
+def test_each_difference_is_named_with_host_and_file(converted_dir):
+    here, there = reports(converted_dir)
+    there["packages"]["tensorflow-cpu"] = "2.20.0"
+    there["project_files"]["train_horovod.py"] = "0" * 16
+    there["data"]["imgs_test.npy"]["shape"][0] -= 1
+    there["data"]["msks_train.npy"]["dtype"] = "float64"
+    del there["data"]["manifest.json"]
+    problems = preflight.compare_reports("node2", here, there)
+    data_dir = str(converted_dir)
+    expected = [
+        f"node2: package tensorflow-cpu is 2.20.0, here {here['packages']['tensorflow-cpu']}",
+        f"node2: {REPO_DIR}/train_horovod.py differs from this host's copy",
+        f"node2: {data_dir}/imgs_test.npy has shape",
+        f"node2: {data_dir}/msks_train.npy has dtype float64",
+        f"node2: {data_dir}/manifest.json is missing",
+    ]
+    for text in expected:
+        assert any(problem.startswith(text) for problem in problems), (text, problems)
+    assert len(problems) == len(expected)
+
+
+def test_another_python_and_a_missing_data_folder(converted_dir):
+    here, there = reports(converted_dir)
+    there["python"] = "/usr/bin/python3"
+    there["data_dir_exists"], there["data"] = False, {}
+    problems = preflight.compare_reports("10.0.0.2", here, there)
+    assert problems[0].startswith("10.0.0.2: Python is /usr/bin/python3")
+    assert problems[-1] == (f"10.0.0.2: data folder {converted_dir} does not exist "
+                            "(copy it, or use --sync-data)")
+
+
+def test_this_host_is_recognized_and_not_checked(converted_dir, tmp_path):
+    assert preflight.is_this_host("localhost") and preflight.is_this_host("127.0.0.1")
+    assert not preflight.is_this_host("192.0.2.254")  # TEST-NET: never this host
+    # Only local hosts: nothing is contacted, even with an agent that cannot run.
+    assert preflight.check_hosts(["localhost"], "/nonexistent/agent", str(tmp_path), 5) == []
+
+
+def test_an_agent_that_fails_is_reported_for_its_host(converted_dir, tmp_path):
+    agent = tmp_path / "agent.sh"
+    agent.write_text("#!/bin/sh\necho \"ssh: connect to host $1 port 22: No route\" >&2\n"
+                     "exit 255\n")
+    agent.chmod(0o755)
+    problems = preflight.check_hosts(["192.0.2.254"], str(agent), str(converted_dir), 5)
+    assert problems == [f"192.0.2.254: does not answer via '{agent}' "
+                        "(exit 255: ssh: connect to host 192.0.2.254 port 22: No route)"]
+
+
+def test_report_mode_prints_json_for_the_launching_host(converted_dir):
+    result = subprocess.run([sys.executable, "preflight.py", "--report", "--data-dir",
+                             str(converted_dir)], cwd=REPO_DIR, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["data"]["imgs_test.npy"]["size"] > 0
+
+
+def test_a_host_that_hangs_is_reported_after_the_timeout(converted_dir, tmp_path):
+    agent = tmp_path / "agent.sh"
+    agent.write_text("#!/bin/sh\nexec sleep 30\n")
+    agent.chmod(0o755)
+    problems = preflight.check_hosts(["192.0.2.253"], str(agent), str(converted_dir), 1)
+    assert problems == [f"192.0.2.253: did not answer within 1 s via '{agent}'"]
