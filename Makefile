@@ -6,7 +6,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 1
 DEMO_RAW := data/raw
 DEMO_DATA := data/converted
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean bench-training test-multihost bench-multihost
 
 setup:
 	./scripts/setup.sh
@@ -20,6 +20,17 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# Training speed: plain Keras fit vs Horovod, ranks x threads, float32 vs bfloat16, memory.
+bench-training: setup
+	$(PYTHON) bench/training.py --json runs/bench_training.json
+
+# Only the tests across network-namespace hosts (root), and their throughput benchmark.
+test-multihost: setup
+	$(PYTHON) -m pytest -q -m multihost tests
+
+bench-multihost: setup
+	$(PYTHON) bench/multihost.py --json runs/bench_multihost.json
 
 clean:
 	rm -rf data runs

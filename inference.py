@@ -381,7 +381,10 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
     print(f"Inference\nConfiguration:\n{cli.format_config(args)}")
-    threads.configure(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS)
+    try:
+        threads.configure(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS)
+    except RuntimeError:  # called as a library after TensorFlow started: keep its threads
+        print("TensorFlow is already running in this process; keeping its thread settings")
     try:
         model = with_precision(load_checkpoint(args.CHECKPOINT), args.INFERENCE_PRECISION)
         output = OutputFolder(args.INFERENCE_DIR, args.overwrite)
