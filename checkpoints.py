@@ -27,6 +27,8 @@ import os
 import keras
 import numpy as np
 
+import atomic
+
 STATE_RECORD = "training_state.json"
 STATE_PATTERN = "training_state_epoch{epoch:04d}.keras"
 EXPORT_NAME = "model.keras"
@@ -64,33 +66,17 @@ def record_epoch(progress, epoch, val_dice, patience):
     return improved
 
 
-def _replace_atomically(path, write):
-    """Calls write(temporary_path), then renames it to path: readers see the old file or the
-    complete new one, never a half-written one. The temporary name keeps the extension,
-    which Keras uses to pick the file format."""
-    folder, name = os.path.split(path)
-    temporary = os.path.join(folder, ".partial." + name)
-    write(temporary)
-    os.replace(temporary, path)
-
-
 def save_state(model, output_dir, progress):
     """Writes the resumable state after an epoch. `progress` is a JSON-able dict that must
     hold "epoch" (epochs completed); the caller adds whatever else a resume needs."""
     state_name = STATE_PATTERN.format(epoch=progress["epoch"])
-    _replace_atomically(os.path.join(output_dir, state_name), model.save)
+    atomic.replace_atomically(os.path.join(output_dir, state_name), model.save)
     record = dict(progress, state_file=state_name,
                   weights_fingerprint=weights_fingerprint(model))
-    _replace_atomically(os.path.join(output_dir, STATE_RECORD),
-                        lambda path: _write_json(path, record))
+    atomic.write_json(os.path.join(output_dir, STATE_RECORD), record)
     for old in glob.glob(os.path.join(output_dir, "training_state_epoch*.keras")):
         if os.path.basename(old) != state_name:
             os.remove(old)
-
-
-def _write_json(path, record):
-    with open(path, "w") as file:
-        json.dump(record, file, indent=2)
 
 
 def load_state(output_dir):
@@ -138,4 +124,4 @@ def export_for_inference(model, path):
     in bfloat16 with a float32 output layer), carrying the current weights."""
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
-    _replace_atomically(path, clone.save)
+    atomic.replace_atomically(path, clone.save)

@@ -32,6 +32,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+import atomic
 import cli
 import layouts
 import preprocessing
@@ -187,13 +188,6 @@ def convert_split(split, cases, options, out_dir, workers, with_masks, skipped):
     return entries, writers
 
 
-def write_json_atomically(path, content):
-    partial_path = path + ".partial"
-    with open(partial_path, "w") as file:
-        json.dump(content, file, indent=1)
-    os.replace(partial_path, path)
-
-
 def load_manifest(data_dir):
     """The manifest of a converted folder, or None when there is none."""
     path = os.path.join(data_dir, MANIFEST)
@@ -251,7 +245,7 @@ def main(argv=None):
                  f"converted{' (--strict)' if converted else ''}; nothing was written")
     for writer in writers:
         writer.finish()
-    write_json_atomically(manifest_path, {
+    atomic.write_json(manifest_path, {
         "layout": layout,
         "label_map": {str(k): v for k, v in layouts.LAYOUTS[layout].label_map.items()},
         "internal_labels": {str(k): v for k, v in layouts.INTERNAL_LABELS.items()},

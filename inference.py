@@ -17,7 +17,6 @@ case, dice_distribution.png. Files are written atomically and never overwritten 
 --overwrite is given.
 """
 import csv
-import json
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
+import atomic  # noqa: E402
 import cli  # noqa: E402
 import converter  # noqa: E402
 import data  # noqa: E402
@@ -120,11 +120,7 @@ class OutputFolder:
         path = os.path.join(self.folder, name)
         if os.path.exists(path) and not self.overwrite:
             raise InferenceError(f"{path}: exists; pass --overwrite to replace it")
-        stem, extension = name.split(".", 1)
-        partial_path = os.path.join(self.folder, f"{stem}.partial.{extension}")
-        save(partial_path)
-        os.replace(partial_path, path)
-        return path
+        return atomic.replace_atomically(path, save)
 
     def csv(self, name, rows):
         def save(path):
@@ -135,10 +131,7 @@ class OutputFolder:
         return self.write(name, save)
 
     def json(self, name, content):
-        def save(path):
-            with open(path, "w") as file:
-                json.dump(content, file, indent=1)
-        return self.write(name, save)
+        return self.write(name, lambda path: atomic.dump_json(path, content))
 
     def figure(self, name, figure):
         path = self.write(name, lambda partial_path: figure.savefig(partial_path, dpi=90))

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+import atomic
 import layouts
 import settings
 
@@ -242,11 +243,12 @@ def _save_nifti(volume, path):
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    # We gzip the bytes ourselves, so the temporary name need not end in .nii.gz.
-    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
-    with open(temporary, "wb") as f:
-        f.write(gzip.compress(image.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0))
-    os.replace(temporary, path)
+    compressed = gzip.compress(image.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0)
+
+    def write(temporary):
+        with open(temporary, "wb") as file:
+            file.write(compressed)
+    atomic.replace_atomically(path, write)
 
 
 def _release_labels(seg, layout):
