@@ -110,8 +110,6 @@ def log(text):
         say(text)
 
 
-
-
 def start_horovod(timeline, cycle_time_ms):
     """hvd.init(), with a timeline when asked. Horovod reads HOROVOD_TIMELINE once, in
     hvd.init(), so it is set here rather than by the launcher (exporting it with mpirun -x

@@ -4,6 +4,7 @@ Small volumes (48x48x24) and 32x32 slices keep the suite fast; the code paths ar
 the full-size demo runs.
 """
 import os
+import re
 import sys
 
 import pytest
@@ -47,6 +48,12 @@ def run(command, timeout):
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(command, cwd=REPO_DIR, capture_output=True, text=True,
                           timeout=timeout, env=environment)
+
+
+def weights_fingerprints(output, kind="final"):
+    """{rank: fingerprint} from the "rank N: <kind> weights fingerprint HEX" lines that
+    train_horovod.py prints on every rank (kind: "final" or "resumed")."""
+    return dict(re.findall(rf"rank (\d+): {kind} weights fingerprint ([0-9a-f]{{16}})", output))
 
 
 TINY_MODEL = ["--base-filters", "4", "--depth", "2", "--batch-size", "8"]

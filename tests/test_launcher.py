@@ -2,7 +2,6 @@
 (--dry-run), and two real runs on this machine: horovodrun --gloo, and a TERM that stops every
 rank. Runs across hosts are in test_multihost.py."""
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO_DIR
+from conftest import REPO_DIR, weights_fingerprints
 
 LAUNCHER = os.path.join(REPO_DIR, "run_multinode.sh")
 
@@ -129,8 +128,7 @@ def test_gloo_training_runs_two_workers_without_mpirun(converted_dir, tmp_path):
         capture_output=True, text=True, timeout=300,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert result.returncode == 0, result.stdout + result.stderr
-    prints = dict(re.findall(r"rank (\d): final weights fingerprint ([0-9a-f]{16})",
-                             result.stdout))
+    prints = weights_fingerprints(result.stdout)
     assert sorted(prints) == ["0", "1"] and len(set(prints.values())) == 1, result.stdout
     assert (tmp_path / "run" / "model.keras").exists()
 

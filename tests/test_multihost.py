@@ -8,7 +8,6 @@ link goes down, a host that does not answer, data that differs between hosts.
 """
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -21,7 +20,7 @@ import pytest
 
 import checkpoints
 import netns
-from conftest import REPO_DIR
+from conftest import REPO_DIR, weights_fingerprints
 
 pytestmark = pytest.mark.multihost
 
@@ -80,11 +79,6 @@ def finish(process, log_path, timeout=LAUNCH_TIMEOUT):
     return process.returncode, log_path.read_text()
 
 
-def fingerprints(output):
-    """{rank: fingerprint} of the final weights (lines of several ranks may interleave)."""
-    return dict(re.findall(r"rank (\d+): final weights fingerprint ([0-9a-f]{16})", output))
-
-
 def assert_nothing_left_running(cluster, within=15):
     deadline = time.monotonic() + within
     while any(cluster.all_pids().values()) and time.monotonic() < deadline:
@@ -139,7 +133,7 @@ def test_training_across_three_hosts_over_tcp(make_cluster, converted_dir, tmp_p
         assert copied and "imgs_train.npy" in copied[0] and "msks_test.npy" in copied[0]
     assert "Horovod: 3 workers" in output
 
-    prints = fingerprints(output)
+    prints = weights_fingerprints(output)
     assert sorted(prints) == ["0", "1", "2"], output
     assert len(set(prints.values())) == 1, prints
 
@@ -186,7 +180,7 @@ def assert_rerun_resumes_and_finishes(cluster, tmp_path, flags, output_dir, stat
     returncode, output = finish(process, log_path)
     assert returncode == 0, output
     assert f"Resuming from {state['state_path']} after epoch {state['epoch']}" in output, output
-    prints = fingerprints(output)
+    prints = weights_fingerprints(output)
     assert sorted(prints) == ["0", "1"] and len(set(prints.values())) == 1, output
     assert checkpoint_epoch(output_dir) == FAULT_RUN_EPOCHS
     assert_nothing_left_running(cluster)

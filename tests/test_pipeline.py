@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_DIR, run
+from conftest import REPO_DIR, run, weights_fingerprints
 
 
 def test_two_workers_train_and_the_loss_goes_down(trained_run):
@@ -26,7 +26,7 @@ def test_two_workers_train_and_the_loss_goes_down(trained_run):
 
 def test_both_workers_end_with_identical_weights(trained_run):
     _, stdout = trained_run
-    fingerprints = dict(re.findall(r"rank (\d+): final weights fingerprint (\w+)", stdout))
+    fingerprints = weights_fingerprints(stdout)
     assert set(fingerprints) == {"0", "1"}, stdout
     assert fingerprints["0"] == fingerprints["1"]
 

@@ -15,7 +15,7 @@ import keras
 import pytest
 
 import checkpoints
-from conftest import REPO_DIR
+from conftest import REPO_DIR, weights_fingerprints
 
 LAUNCHER = os.path.join(REPO_DIR, "run_multinode.sh")
 # float32: the uninterrupted and the resumed run must agree bit for bit.
@@ -60,10 +60,6 @@ def rank_pid(launcher_pid, rank):
     raise AssertionError(f"no rank {rank} among the processes of launcher {launcher_pid}")
 
 
-def fingerprints(stdout, kind):
-    return dict(re.findall(rf"rank (\d+): {kind} weights fingerprint ([0-9a-f]{{16}})", stdout))
-
-
 def test_killed_rank_stops_the_job_and_the_rerun_resumes_exactly(converted_dir, tmp_path):
     output_dir = tmp_path / "run"
     job = launch(converted_dir, output_dir)
@@ -92,8 +88,8 @@ def test_killed_rank_stops_the_job_and_the_rerun_resumes_exactly(converted_dir, 
 
     resumed_stdout = run_to_end(converted_dir, output_dir)
     assert "after epoch 1 (step 60)" in resumed_stdout
-    assert fingerprints(resumed_stdout, "resumed") == {"0": saved_fingerprint,
-                                                       "1": saved_fingerprint}
+    assert weights_fingerprints(resumed_stdout, "resumed") == {"0": saved_fingerprint,
+                                                               "1": saved_fingerprint}
     assert not re.search(r"^epoch 1/3", resumed_stdout, re.MULTILINE)  # not trained again
     with open(output_dir / "training_log.csv") as file:
         assert [row["epoch"] for row in csv.DictReader(file)] == ["0", "1", "2"]
@@ -105,6 +101,6 @@ def test_killed_rank_stops_the_job_and_the_rerun_resumes_exactly(converted_dir, 
     uninterrupted_stdout = run_to_end(converted_dir, tmp_path / "uninterrupted",
                                       "--timeline", str(timeline))
     assert '"name": "ALLREDUCE"' in timeline.read_text()
-    final = fingerprints(resumed_stdout, "final")
+    final = weights_fingerprints(resumed_stdout)
     assert final["0"] == final["1"]
-    assert final == fingerprints(uninterrupted_stdout, "final")
+    assert final == weights_fingerprints(uninterrupted_stdout)
