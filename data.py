@@ -1,11 +1,12 @@
 """Input pipeline: memory-mapped slice arrays -> one disjoint shard per rank -> tf.data batches.
 
 The arrays written by converter.py can be far larger than memory (13 GB of images in the seed
-project), so they are opened with mmap_mode='r' and each sample is read when the pipeline
-needs it. Every rank must run the same number of steps per epoch: Horovod's allreduce waits
+project), so they are opened with mmap_mode='r' (shape checks, nothing read) and each
+sample is read from the file when the pipeline needs it. Every rank must run the same number of steps per epoch: Horovod's allreduce waits
 for all ranks, and a rank that stops early leaves the others waiting forever.
 """
 import math
+import mmap
 import os
 
 import numpy as np
@@ -56,11 +57,37 @@ def steps_per_epoch(num_samples, num_ranks, batch_size):
     return max(1, math.ceil(largest_shard / batch_size))
 
 
-def _reader(imgs, msks):
-    """A tf.data map function that reads sample i from the memory-mapped arrays."""
+def row_reader(array):
+    """A function i -> array[i] as float32. Rows of a memory-mapped .npy file are read with
+    os.pread rather than through the map: every mapped page the process touches (and the
+    kernel's read-around of its neighbours) counts as the process's resident memory until the
+    mapping goes, so an epoch through the map would grow every rank's RSS by up to the size of
+    the dataset. pread goes through the same page cache, which the kernel shares and evicts,
+    but maps nothing. Arrays already in memory (small data, tests) are indexed."""
+    if not (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap)):
+        # In memory, or a view of a map (its .offset is the parent's): index it.
+        return lambda index: np.asarray(array[index], dtype=np.float32)
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{array.filename}: rows must be stored contiguously (C order)")
+    file = open(array.filename, "rb", buffering=0)  # closed with the reader
+    row_shape, row_bytes = array.shape[1:], array[:1].nbytes
+
     def read(index):
-        return (np.asarray(imgs[index], dtype=np.float32),
-                np.asarray(msks[index], dtype=np.float32))
+        row = np.empty(row_shape, array.dtype)
+        offset = array.offset + int(index) * row_bytes
+        if os.preadv(file.fileno(), [row], offset) != row_bytes:
+            raise ValueError(f"{array.filename}: row {index} ends past the end of the file "
+                             f"(truncated?)")
+        return row.astype(np.float32, copy=False)
+    return read
+
+
+def _reader(imgs, msks):
+    """A tf.data map function that reads sample i of the arrays."""
+    read_image, read_mask = row_reader(imgs), row_reader(msks)
+
+    def read(index):
+        return read_image(index), read_mask(index)
 
     def read_in_graph(index):
         image, mask = tf.numpy_function(read, [index], (tf.float32, tf.float32),

@@ -192,9 +192,9 @@ def train_one_epoch(train_step, batches, steps, epoch, log_every):
 
 
 def memory_line():
-    """Peak resident memory of this process, and how much of it is not file-backed: pages of
-    the memory-mapped arrays count as resident once read, but the kernel drops them under
-    pressure, so the anonymous part is what a larger dataset must not grow."""
+    """Peak resident memory of this process, and what is resident now: anonymous memory
+    (tensors, Python) and file-backed pages (mostly TensorFlow's libraries; data.py reads the
+    arrays without mapping them, so a larger dataset must grow neither)."""
     with open("/proc/self/status") as file:
         status = dict(line.split(":", 1) for line in file)
     mib = lambda key: int(status[key].split()[0]) / 1024  # noqa: E731 (values are in kB)

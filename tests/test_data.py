@@ -1,5 +1,7 @@
 """data.py: disjoint shards, equal steps on every rank, augmentation that keeps image and
 mask aligned, and clear errors for bad arrays."""
+import os
+
 import numpy as np
 import pytest
 
@@ -113,3 +115,47 @@ def test_same_seed_and_rank_count_give_the_same_shards_and_augmentations():
         np.testing.assert_array_equal(batches, batches_again)
     assert not np.array_equal(first[0][1], first[1][1])  # ranks see different batches
     assert not np.array_equal(first[0][1], run(43)[0][1])  # and another seed changes them
+
+
+def mapped_resident_kib(path):
+    """How much of `path` is mapped into this process and resident (/proc/self/smaps)."""
+    resident, in_mapping = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                in_mapping = fields[-1] == str(path)
+            elif in_mapping and fields[0] == "Rss:":
+                resident += int(fields[1])
+    return resident
+
+
+def test_rows_of_a_memory_map_are_read_without_becoming_resident_memory(tmp_path):
+    """Reading an epoch through the map would make every touched page count as the rank's
+    resident memory, growing with the dataset; row_reader reads the file instead."""
+    images = np.random.default_rng(3).random((64, 32, 32, 4)).astype(np.float16)  # 512 KiB
+    np.save(tmp_path / "imgs_train.npy", images)
+    np.save(tmp_path / "msks_train.npy", (images[..., :1] > 0.5).astype(np.uint8))
+    imgs, msks = data.load_split(tmp_path, "train")
+    read = data.row_reader(imgs)
+    for index in range(len(imgs)):
+        np.testing.assert_array_equal(read(index), images[index].astype(np.float32))
+    assert mapped_resident_kib(tmp_path / "imgs_train.npy") == 0
+    np.asarray(imgs[:32], dtype=np.float32)  # the same rows through the map: now resident
+    assert mapped_resident_kib(tmp_path / "imgs_train.npy") >= 200
+    # A view of the map carries its parent's file offset, so it is indexed, not pread.
+    np.testing.assert_array_equal(data.row_reader(imgs[10:])(0), images[10].astype(np.float32))
+    # Both arrays through the tf.data pipeline, in order.
+    batch_images, batch_masks = next(iter(data.evaluation_dataset(imgs, msks, np.arange(4), 4)))
+    np.testing.assert_array_equal(batch_images, images[:4].astype(np.float32))
+    np.testing.assert_array_equal(batch_masks, images[:4, ..., :1] > 0.5)
+
+
+def test_a_truncated_array_file_is_named(tmp_path):
+    np.save(tmp_path / "imgs_train.npy", np.zeros((4, 8, 8, 4), np.float32))
+    imgs = np.load(tmp_path / "imgs_train.npy", mmap_mode="r")
+    read = data.row_reader(imgs)
+    os.truncate(tmp_path / "imgs_train.npy", imgs.offset + 3 * 8 * 8 * 4 * 4 + 10)
+    np.testing.assert_array_equal(read(2), 0)
+    with pytest.raises(ValueError, match="imgs_train.npy.*row 3"):
+        read(3)
