@@ -70,7 +70,8 @@ def make_train_step(model, optimizer, loss_fn):
             probabilities = model(images, training=True)
             loss = loss_fn(masks, probabilities)
         gradients = tape.gradient(loss, model.trainable_variables)
-        gradients = hvd.grouped_allreduce(gradients, op=hvd.Average)
+        if hvd.size() > 1:  # one worker has nothing to average: no copy through Horovod
+            gradients = hvd.grouped_allreduce(gradients, op=hvd.Average)
         optimizer.apply(gradients, model.trainable_variables)
         intersection, total = unet.dice_sums(masks, tf.cast(probabilities > 0.5, tf.float32))
         return loss, intersection, total
