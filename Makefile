@@ -6,7 +6,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 1
 DEMO_RAW := data/raw
 DEMO_DATA := data/converted
 
-.PHONY: setup demo test clean bench-training test-multihost bench-multihost
+.PHONY: setup demo test clean bench-training bench-precision test-multihost bench-multihost
 
 setup:
 	./scripts/setup.sh
@@ -24,6 +24,10 @@ test: setup
 # Training speed: plain Keras fit vs Horovod, ranks x threads, float32 vs bfloat16, memory.
 bench-training: setup
 	$(PYTHON) bench/training.py --json runs/bench_training.json
+
+# bfloat16 against float32: final validation Dice and speed, trained as the demo trains.
+bench-precision: setup
+	$(PYTHON) bench/precision.py --json runs/bench_precision.json
 
 # Only the tests across network-namespace hosts (root), and their throughput benchmark.
 test-multihost: setup

@@ -8,18 +8,22 @@ What it measures (images per second after a warm-up epoch, aggregate over all ra
   - train_horovod.py under mpirun for every (ranks x threads per rank) that fits the cores,
     each rank bound to its own cores as run_multinode.sh does: 1x1, 1x2, 2x1 on 2 cores;
   - float32 against mixed_bfloat16 (1 rank on all cores); the rest runs in the precision
-    PRECISION="auto" picks here (bfloat16 only with AMX);
+    PRECISION="auto" picks here (bfloat16 only with AMX); and oneDNN's own time per step in
+    each kernel for both precisions, which shows whether the bfloat16 kernels are faster on
+    this CPU at all (bench/precision.py compares the Dice the two precisions reach);
   - achieved GFLOP/s: images/s x 3 x the model's forward FLOPs per slice (forward, input
     gradient and weight gradient each cost about one forward pass);
   - data.py alone (the same tf.data pipeline, no model): it must deliver >= 10x the training
     rate, or it, not the model, would set the pace;
-  - peak resident memory per rank on a dataset and on one 4x larger (memory-mapped: the
-    anonymous memory must not grow);
+  - peak resident memory per rank on a dataset and on one 4x larger (it must not grow);
   - when 2 ranks x 1 thread reach less than 90% of the best 1-rank configuration (or with
     --diagnose), the same 2 ranks without core binding, with a short and a long Horovod
     cycle time, with Open MPI busy-polling, and two independent 1-thread trainings
     without Horovod at all, to separate Horovod's cost from what sharing the machine costs.
 
+Every training configuration runs once per round (--repeats rounds, alternating, so that a
+change in machine load hits them all alike) and the medians are compared; with one run each,
+the noise of this shared machine (about 5%) is as large as the 1-rank target's margin.
 Every measurement starts its own processes (TensorFlow's thread pools are fixed at start)
 and trains the settings.py model (BASE_FILTERS, DEPTH, IMAGE_SIZE) on random slices: speed
 does not depend on pixel values, and random data needs no conversion step. Absolute numbers
@@ -29,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -153,6 +158,57 @@ def plain_fit_worker(args):
     print(json.dumps({"img_s": args.steps * args.batch_size / epoch_seconds[-1]}))
 
 
+def onednn_kernel_ms(args, precision):
+    """Milliseconds per training step spent in each oneDNN kernel (primitive kind and
+    implementation, e.g. 'convolution brg_conv_fwd:avx512_core_bf16'), from oneDNN's own
+    timing (ONEDNN_VERBOSE=1) of one step after two warm-up steps. It shows which instruction
+    set the kernels run on, and whether bfloat16's kernels are faster than float32's on this
+    CPU, independently of TensorFlow, Keras and Horovod."""
+    command = [PYTHON, os.path.abspath(__file__), "--onednn-worker", "--precision", precision,
+               "--threads", str(len(os.sched_getaffinity(0))),
+               "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
+    stdout = run(command, env={"ONEDNN_VERBOSE": "1"})
+    kernels = {}
+    for line in stdout.split(MEASURED_STEP_MARKER, 1)[1].splitlines():
+        fields = line.split(",")
+        if fields[0] == "onednn_verbose" and "exec" in fields:
+            at = fields.index("exec")
+            name = f"{fields[at + 2]} {fields[at + 4]} {fields[at + 3]}"
+            kernels[name] = kernels.get(name, 0.0) + float(fields[-1])
+    kernels = dict(sorted(kernels.items(), key=lambda item: -item[1]))
+    return {"kernels": kernels, "total": sum(kernels.values())}
+
+
+MEASURED_STEP_MARKER = "--- measured step ---"
+
+
+def onednn_worker(args):
+    """Runs inside the subprocess: two warm-up steps, the marker, one measured step."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import model as unet
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    unet.set_precision(args.precision)
+    net = unet.build_unet(args.image_size, 4, 1, settings.BASE_FILTERS, settings.DEPTH,
+                          settings.USE_TRANSPOSED_CONV, settings.USE_BATCH_NORM,
+                          settings.DROPOUT)
+    net.compile(optimizer=keras.optimizers.Adam(settings.LEARNING_RATE),
+                loss=unet.bce_dice_loss)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((args.batch_size, args.image_size, args.image_size, 4),
+                                 dtype=np.float32)
+    masks = (images[..., :1] > 1.0).astype(np.float32)
+    for _ in range(2):
+        net.train_on_batch(images, masks)
+    print(MEASURED_STEP_MARKER, flush=True)
+    net.train_on_batch(images, masks)
+    sys.stdout.flush()
+
+
 def data_pipeline_img_s(data_dir, batch_size, batches=200):
     """data.py alone: shuffled, augmented batches read from the memory map, no model."""
     import data
@@ -178,24 +234,40 @@ def forward_flops(image_size):
 
 # --- Report ----------------------------------------------------------------------------------
 def print_table(results, flops):
-    print(f"\n{'configuration':<56} {'img/s':>8} {'GFLOP/s':>8}")
+    print(f"\n{'configuration (median over rounds)':<56} {'img/s':>8} {'GFLOP/s':>8}  "
+          f"{'all rounds':<}")
     for name, img_s in results["configurations"].items():
         gflop_s = "" if name.startswith("data.py") else f"{img_s * 3 * flops / 1e9:8.1f}"
-        print(f"{name:<56} {img_s:8.1f} {gflop_s:>8}")
+        every = " ".join(f"{v:.1f}" for v in results["rounds_img_s"].get(name, []))
+        print(f"{name:<56} {img_s:8.1f} {gflop_s:>8}  {every}")
     print()
     for name, value in results["ratios"].items():
         print(f"{name:<60} {value:6.2f}")
     print()
     for line in results["memory"]["lines"]:
         print(line)
+    print_kernel_times(results["onednn_kernel_ms_per_step"])
     for line in results.get("findings", []):
         print(line)
+
+
+def print_kernel_times(by_precision):
+    """oneDNN's time per training step by kernel, float32 beside bfloat16."""
+    print(f"\noneDNN kernels, ms per training step (ONEDNN_VERBOSE)")
+    for precision, profile in by_precision.items():
+        print(f"  {precision}: {profile['total']:.1f} ms in all")
+        for name, ms in list(profile["kernels"].items())[:6]:
+            print(f"    {name:<84} {ms:7.1f}")
+    ratio = by_precision["mixed_bfloat16"]["total"] / by_precision["float32"]["total"]
+    print(f"  => bfloat16 kernels take {ratio:.2f}x the time of float32 kernels")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--steps", type=int, default=6, help="measured steps per run")
+    parser.add_argument("--steps", type=int, default=40, help="measured steps per run")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds over all configurations; medians are reported")
     parser.add_argument("--batch-size", type=int, default=16, help="per rank")
     parser.add_argument("--image-size", type=int, default=settings.IMAGE_SIZE)
     parser.add_argument("--train-slices", type=int, default=1024,
@@ -204,12 +276,15 @@ def main():
     parser.add_argument("--diagnose", action="store_true",
                         help="measure why 2 ranks fall short even when they reach 90%%")
     parser.add_argument("--plain-fit-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--onednn-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_fit_worker:
         return plain_fit_worker(args)
+    if args.onednn_worker:
+        return onednn_worker(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import model as unet
 
@@ -231,66 +306,75 @@ def main():
         print(f"  measuring {name} ...", flush=True)
         return name
 
-    configurations = {}
-    name = step(f"plain keras fit, 1 process x {cores} threads, {fast}")
-    configurations[name] = plain_fit(args, small, fast, cores)
-    sweep = {}
-    for ranks in (1, 2):
-        for threads in range(1, cores // ranks + 1):
-            name = step(f"train_horovod {ranks} rank{'s' * (ranks > 1)} x {threads} "
-                        f"thread{'s' * (threads > 1)}, {fast}")
-            sweep[(ranks, threads)] = horovod(args, small, ranks, threads, fast)
-            configurations[name] = sweep[(ranks, threads)]["img_s"]
-    by_precision = {fast: sweep[(1, cores)]["img_s"]}
+    # Every configuration once per round, rounds alternating, so that a drift in machine
+    # load hits all of them alike; the figures reported are the medians over the rounds.
+    plain_name = f"plain keras fit, 1 process x {cores} threads, {fast}"
     other = "float32" if fast == "mixed_bfloat16" else "mixed_bfloat16"
-    name = step(f"train_horovod 1 rank x {cores} threads, {other}")
-    by_precision[other] = configurations[name] = horovod(args, small, 1, cores, other)["img_s"]
-    two_ranks = sweep[(2, cores // 2)]
-    step(f"train_horovod 2 ranks on the {4 * args.train_slices}-slice dataset (memory)")
-    large_run = horovod(args, large, 2, cores // 2, fast)
+    other_name = f"train_horovod 1 rank x {cores} threads, {other}"
+    grid = [(ranks, threads) for ranks in (1, 2) for threads in range(1, cores // ranks + 1)]
+    names = {(ranks, threads): f"train_horovod {ranks} rank{'s' * (ranks > 1)} x {threads} "
+                               f"thread{'s' * (threads > 1)}, {fast}" for ranks, threads in grid}
+    large_name = f"{names[(2, cores // 2)]}, {4 * args.train_slices} slices"
+    rounds = {name: [] for name in [plain_name, *names.values(), other_name, large_name]}
+    memory = {"small": [], "large": []}  # the 2-rank runs' memory lines, round by round
+    for repeat in range(1, args.repeats + 1):
+        print(f"  round {repeat}/{args.repeats}: {len(rounds)} configurations", flush=True)
+        rounds[plain_name].append(plain_fit(args, small, fast, cores))
+        for key, name in names.items():
+            run_result = horovod(args, small, *key, fast)
+            rounds[name].append(run_result["img_s"])
+        memory["small"].append(run_result)  # the grid ends with 2 ranks x 1 thread
+        rounds[other_name].append(horovod(args, small, 1, cores, other)["img_s"])
+        memory["large"].append(horovod(args, large, 2, cores // 2, fast))
+        rounds[large_name].append(memory["large"][-1]["img_s"])
+    configurations = {name: statistics.median(rates) for name, rates in rounds.items()}
+    sweep = {key: configurations[name] for key, name in names.items()}
+    by_precision = {fast: sweep[(1, cores)], other: configurations[other_name]}
     step("data.py alone")
     data_img_s = data_pipeline_img_s(small, args.batch_size)
     configurations["data.py alone (no model)"] = data_img_s
+    step("oneDNN kernel times per training step, float32 and mixed_bfloat16")
+    kernels = {precision: onednn_kernel_ms(args, precision)
+               for precision in ("float32", "mixed_bfloat16")}
 
-    best_one_rank = max(sweep[(1, t)]["img_s"] for t in range(1, cores + 1))
-    plain = next(iter(configurations.values()))
+    best_one_rank = max(sweep[(1, t)] for t in range(1, cores + 1))
+    plain = configurations[plain_name]
     results = {
         "cores": cores, "default_precision": fast, "batch_size_per_rank": args.batch_size,
-        "measured_steps": args.steps, "image_size": args.image_size,
+        "measured_steps": args.steps, "image_size": args.image_size, "repeats": args.repeats,
         "forward_gflop_per_slice": flops / 1e9,
         "plain_fit_img_s": plain,
-        "hvd_1rank_img_s": sweep[(1, cores)]["img_s"],
-        "hvd_2rank_img_s": two_ranks["img_s"],
+        "hvd_1rank_img_s": sweep[(1, cores)],
+        "hvd_2rank_img_s": sweep[(2, cores // 2)],
         "fp32_img_s": by_precision["float32"],
         "bf16_img_s": by_precision["mixed_bfloat16"],
         "data_pipeline_img_s": data_img_s,
-        "threads_sweep_img_s": {f"{r}x{t}": v["img_s"] for (r, t), v in sweep.items()},
+        "threads_sweep_img_s": {f"{r}x{t}": v for (r, t), v in sweep.items()},
         "configurations": configurations,
+        "rounds_img_s": rounds,
+        "onednn_kernel_ms_per_step": kernels,
     }
     results["gflop_s"] = {name: v * 3 * flops / 1e9 for name, v in configurations.items()
                           if not name.startswith("data.py")}
     results["ratios"] = {
         "horovod 1 rank / plain fit (target >= 0.95)": results["hvd_1rank_img_s"] / plain,
-        "2 ranks x 1 thread / best 1 rank (target >= 0.90)": two_ranks["img_s"] / best_one_rank,
+        "2 ranks x 1 thread / best 1 rank (target >= 0.90)":
+            results["hvd_2rank_img_s"] / best_one_rank,
         "data.py alone / best training rate (target >= 10)":
             data_img_s / max(v for k, v in configurations.items() if "data.py" not in k),
     }
     results["ratios"]["bf16 / float32 (target >= 1.8 with AMX)"] = \
         results["bf16_img_s"] / results["fp32_img_s"]
-    results["memory"] = {
-        "small_train_slices": args.train_slices, "large_train_slices": 4 * args.train_slices,
-        "small_peak_rss_mib": two_ranks["peak_rss_mib"],
-        "large_peak_rss_mib": large_run["peak_rss_mib"],
-        "small_anon_rss_mib": two_ranks["anon_rss_mib"],
-        "large_anon_rss_mib": large_run["anon_rss_mib"],
-        "lines": [f"rank {rank}: peak RSS {two_ranks['peak_rss_mib'][rank]} MiB with "
-                  f"{args.train_slices} slices, {large_run['peak_rss_mib'][rank]} MiB with "
-                  f"{4 * args.train_slices} (anonymous {two_ranks['anon_rss_mib'][rank]} -> "
-                  f"{large_run['anon_rss_mib'][rank]} MiB)"
-                  for rank in sorted(two_ranks["peak_rss_mib"])]}
-    if (args.diagnose or two_ranks["img_s"] < 0.9 * best_one_rank) and cores >= 2:
-        results["diagnosis"] = diagnose_two_ranks(args, small, fast, two_ranks["img_s"],
-                                                  sweep[(1, 1)]["img_s"], best_one_rank)
+    # The same ratio within each round (the runs minutes apart, under the same load):
+    one_rank_rounds = [horovod_rate / plain_rate for horovod_rate, plain_rate
+                       in zip(rounds[names[(1, cores)]], rounds[plain_name])]
+    results["hvd_1rank_over_plain_per_round"] = one_rank_rounds
+    results["ratios"]["horovod 1 rank / plain fit, median of the rounds' ratios"] = \
+        statistics.median(one_rank_rounds)
+    results["memory"] = memory_summary(memory, args.train_slices)
+    if (args.diagnose or results["hvd_2rank_img_s"] < 0.9 * best_one_rank) and cores >= 2:
+        results["diagnosis"] = diagnose_two_ranks(args, small, fast, results["hvd_2rank_img_s"],
+                                                  sweep[(1, 1)], best_one_rank)
         results["findings"] = results["diagnosis"].pop("findings")
     print_table(results, flops)
     if args.json:
@@ -299,10 +383,31 @@ def main():
         print(f"\nWrote {args.json}")
 
 
+def memory_summary(memory, train_slices):
+    """Peak and anonymous resident memory of each rank, median over the rounds, on the small
+    dataset and on the one 4x larger: with memory-mapped shards neither may grow."""
+    summary = {"small_train_slices": train_slices, "large_train_slices": 4 * train_slices}
+    for size in ("small", "large"):
+        for kind in ("peak_rss_mib", "anon_rss_mib"):
+            ranks = sorted(memory[size][0][kind])
+            summary[f"{size}_{kind}"] = {
+                rank: statistics.median(run[kind][rank] for run in memory[size])
+                for rank in ranks}
+    summary["lines"] = []
+    for rank in sorted(summary["small_peak_rss_mib"]):
+        small, large = summary["small_peak_rss_mib"][rank], summary["large_peak_rss_mib"][rank]
+        summary["lines"].append(
+            f"rank {rank}: peak RSS {small:.0f} MiB with {train_slices} slices, {large:.0f} MiB "
+            f"with {4 * train_slices} (x{large / small:.2f}; anonymous "
+            f"{summary['small_anon_rss_mib'][rank]:.0f} -> "
+            f"{summary['large_anon_rss_mib'][rank]:.0f} MiB; medians of the rounds)")
+    return summary
+
+
 def diagnose_two_ranks(args, data_dir, precision, two_rank_img_s, one_by_one_img_s,
                        best_one_rank):
     """Why 2 ranks x 1 thread fall short: the same job unbound; with Horovod's cycle time
-    at 0.1 ms and 20 ms instead of HOROVOD_CYCLE_TIME_MS (1 ms, Horovod's default; its
+    at 0.1 ms and 20 ms instead of HOROVOD_CYCLE_TIME_MS (5 ms in settings.py; its
     background thread meets the other ranks in MPI every
     HOROVOD_CYCLE_TIME ms); with Open MPI busy-polling while it waits (train_horovod.py
     asks it to yield the core instead, OMPI_MCA_mpi_yield_when_idle=1); and two independent
