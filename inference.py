@@ -183,6 +183,16 @@ def whole_tumor_scores(row):
             f"HD95 {row['whole_tumor_hd95_mm']:.1f} mm")
 
 
+def score_case(case_id, num_slices, truth, prediction, regions, spacing):
+    """A per-case metrics row: every metric of every region (channel k of the [..., K]
+    masks), on a grid of the given voxel spacing in mm."""
+    row = {"case": case_id, "slices": num_slices}
+    for k, region in enumerate(regions):
+        scores = metrics.region_metrics(truth[..., k], prediction[..., k], spacing)
+        row.update({f"{region}_{name}": value for name, value in scores.items()})
+    return row
+
+
 def report(output, rows, regions, extra):
     """Writes the CSVs, metrics.json and the distribution figure; prints the summary."""
     summary = metrics.summarize(rows, regions)
@@ -222,11 +232,8 @@ def infer_arrays(model, args, output):
     for number, entry in enumerate(manifest["splits"]["test"]):
         first, end = entry["rows"]
         truth, prediction = msks[first:end].astype(bool), predictions[first:end]
-        row = {"case": entry["case"], "slices": end - first}
-        for k, region in enumerate(regions):
-            scores = metrics.region_metrics(truth[..., k], prediction[..., k],
-                                            slice_grid_spacing(entry, options))
-            row.update({f"{region}_{name}": value for name, value in scores.items()})
+        row = score_case(entry["case"], end - first, truth, prediction, regions,
+                         slice_grid_spacing(entry, options))
         rows.append(row)
         print(f"  {entry['case']:<28} {row['slices']:4d} slices  {whole_tumor_scores(row)}")
         if wants_montage(number, args.NUM_FIGURES):
@@ -234,11 +241,12 @@ def infer_arrays(model, args, output):
                 np.asarray(imgs[first:end, ..., FLAIR], np.float32), truth[..., 0],
                 prediction[..., 0], entry["case"]))
     pooled_dice = metrics.dice(msks[..., 0], predictions[..., 0])
+    mean_dice = float(np.mean([row["whole_tumor_dice"] for row in rows]))
     report(output, rows, regions, {
-        "whole_tumor_dice_mean_over_cases": float(np.mean([r["whole_tumor_dice"] for r in rows])),
+        "whole_tumor_dice_mean_over_cases": mean_dice,
         "whole_tumor_dice_all_slices": pooled_dice, "slices_per_second": len(imgs) / seconds,
         "num_slices": len(imgs), "checkpoint": os.path.abspath(args.CHECKPOINT)})
-    print(f"Whole-tumor Dice: {np.mean([r['whole_tumor_dice'] for r in rows]):.4f} mean over "
+    print(f"Whole-tumor Dice: {mean_dice:.4f} mean over "
           f"{len(rows)} test cases, {pooled_dice:.4f} over all {len(imgs)} slices; "
           f"{len(imgs) / seconds:.1f} slices/s")
 
@@ -314,11 +322,8 @@ def segment_case(model, case, options, args, output):
         print("  (no label map: not scored)")
         return None, None
     truth = preprocessing.targets(labels, options.label_mode).astype(bool)
-    spacing = reference.header.get_zooms()[:3]
-    row = {"case": case.case_id, "slices": len(imgs)}
-    for k, region in enumerate(options.target_names):
-        scores = metrics.region_metrics(truth[..., k], masks[..., k], spacing)
-        row.update({f"{region}_{name}": value for name, value in scores.items()})
+    row = score_case(case.case_id, len(imgs), truth, masks, options.target_names,
+                     reference.header.get_zooms()[:3])
     print(f"  {whole_tumor_scores(row)}")
     return row, (np.moveaxis(image[..., FLAIR], 2, 0), np.moveaxis(truth[..., 0], 2, 0),
                  np.moveaxis(masks[..., 0], 2, 0))
