@@ -140,11 +140,6 @@ class NpyAppender:
         os.remove(self.partial_path)
 
 
-def num_slices(case):
-    """Axial slices of a case, from the header alone: sizes the output before reading voxels."""
-    return nib.load(case.images[settings.MODALITIES[0]]).shape[2]
-
-
 def grid(case):
     """Shape and voxel spacing (mm) of a case's scans, from the header."""
     header = nib.load(case.images[settings.MODALITIES[0]]).header
@@ -155,14 +150,15 @@ def grid(case):
 def convert_split(split, cases, options, out_dir, workers, with_masks, skipped):
     """Fills temporary imgs_<split>.npy (and msks_<split>.npy); returns the manifest entries
     and the writers, which the caller finishes or discards once every split is done."""
-    capacity = {}
+    grids = {}  # from the headers alone: the output is sized before any voxel is read
     for case in cases:
         try:
-            capacity[case.case_id] = num_slices(case) if not case.problem else 0
+            grids[case.case_id] = grid(case) if not case.problem else None
         except Exception as error:
-            capacity[case.case_id] = 0
+            grids[case.case_id] = None
             case.problem = f"{case.images[settings.MODALITIES[0]]}: unreadable header ({error})"
-    size, total = options.image_size, sum(capacity.values())
+    size = options.image_size
+    total = sum(found["shape"][2] for found in grids.values() if found)
     imgs_path, msks_path = split_paths(out_dir, split)
     writers = [NpyAppender(imgs_path, total, (size, size, len(settings.MODALITIES)),
                            options.image_dtype)]
@@ -181,7 +177,7 @@ def convert_split(split, cases, options, out_dir, workers, with_masks, skipped):
         first_row = writers[0].rows
         entries.append({"case": case.case_id, "rows": [first_row, first_row + len(imgs)],
                         "images": sorted(set(case.images.values())), "label": case.label,
-                        **grid(case), **geometry})
+                        **grids[case.case_id], **geometry})
         writers[0].append(imgs)
         if with_masks:
             writers[1].append(msks)
@@ -222,14 +218,14 @@ def main(argv=None):
     by_id = collections.defaultdict(list)  # duplicated IDs: all copies, all skipped
     for case in cases:
         by_id[case.case_id].append(case)
-    train_ids, test_ids = split_cases(by_id, args.TRAIN_FRACTION if with_masks else 0.0,
-                                      args.SPLIT_SEED)
-    if not with_masks:
+    if with_masks:
+        train_ids, test_ids = split_cases(by_id, args.TRAIN_FRACTION, args.SPLIT_SEED)
+    else:
         train_ids, test_ids = [], sorted(by_id)
     skipped, splits, writers = [], {}, []
     for split, ids in (("train", train_ids), ("test", test_ids)):
-        split_cases_ = [case for case_id in ids for case in by_id[case_id]]
-        splits[split], split_writers = convert_split(split, split_cases_, options, args.DATA_DIR,
+        members = [case for case_id in ids for case in by_id[case_id]]
+        splits[split], split_writers = convert_split(split, members, options, args.DATA_DIR,
                                                      workers, with_masks, skipped)
         writers.extend(split_writers)
 
