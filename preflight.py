@@ -175,7 +175,7 @@ def sync_data(agent, host, data_dir, timeout):
     # rsync creates only the last folder of the destination (--mkpath needs rsync >= 3.2.3).
     mkdir = shlex.split(agent) + [host, f"mkdir -p {shlex.quote(os.path.dirname(data_dir))}"]
     command = ["rsync", "--archive", "--out-format=%n", "-e", agent,
-               "--include=imgs_*.npy", "--include=msks_*.npy", "--include=manifest.json",
+               *(f"--include={pattern}" for pattern in DATA_PATTERNS),
                "--exclude=*", data_dir.rstrip("/") + "/", f"{host}:{data_dir.rstrip('/')}/"]
     try:
         subprocess.run(mkdir, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
