@@ -127,27 +127,45 @@ def plain_fit(args, data_dir, precision, threads, cpus=None):
     return json.loads(run(command).strip().splitlines()[-1])["img_s"]
 
 
-def plain_fit_worker(args):
-    """Runs inside the subprocess: model.compile + model.fit, as in the Keras examples, on the
-    same model, loss and tf.data pipeline as train_horovod.py (whole training set, one rank)."""
+def settings_unet(image_size, channels, classes):
+    """The U-Net of settings.py, the one train_horovod.py trains by default."""
+    import model as unet
+
+    return unet.build_unet(image_size, channels, classes, settings.BASE_FILTERS, settings.DEPTH,
+                           settings.USE_TRANSPOSED_CONV, settings.USE_BATCH_NORM,
+                           settings.DROPOUT)
+
+
+def compiled_worker_model(args, image_size, channels, classes):
+    """Inside a worker subprocess: TensorFlow's threads and the precision policy set (both
+    before the first operation), then the settings.py U-Net compiled with Adam and the
+    training loss, as in the Keras examples."""
     import keras
     import tensorflow as tf
 
-    import data
     import model as unet
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     unet.set_precision(args.precision)
     keras.utils.set_random_seed(settings.SEED)
-    imgs, msks = data.load_split(args.data_dir, "train")
-    batches = data.training_dataset(imgs, msks, data.shard_indices(len(imgs), 0, 1),
-                                    args.batch_size, seed=settings.SEED)
-    net = unet.build_unet(imgs.shape[1], imgs.shape[3], msks.shape[3], settings.BASE_FILTERS,
-                          settings.DEPTH, settings.USE_TRANSPOSED_CONV, settings.USE_BATCH_NORM,
-                          settings.DROPOUT)
+    net = settings_unet(image_size, channels, classes)
     net.compile(optimizer=keras.optimizers.Adam(settings.LEARNING_RATE),
                 loss=unet.bce_dice_loss)
+    return net
+
+
+def plain_fit_worker(args):
+    """Runs inside the subprocess: model.compile + model.fit, as in the Keras examples, on the
+    same model, loss and tf.data pipeline as train_horovod.py (whole training set, one rank)."""
+    import keras
+
+    import data
+
+    imgs, msks = data.load_split(args.data_dir, "train")
+    net = compiled_worker_model(args, imgs.shape[1], imgs.shape[3], msks.shape[3])
+    batches = data.training_dataset(imgs, msks, data.shard_indices(len(imgs), 0, 1),
+                                    args.batch_size, seed=settings.SEED)
     epoch_seconds = []
     timer = keras.callbacks.LambdaCallback(
         on_epoch_begin=lambda epoch, logs: epoch_seconds.append(-time.perf_counter()),
@@ -184,20 +202,9 @@ MEASURED_STEP_MARKER = "--- measured step ---"
 
 def onednn_worker(args):
     """Runs inside the subprocess: two warm-up steps, the marker, one measured step."""
-    import keras
     import numpy as np
-    import tensorflow as tf
 
-    import model as unet
-
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    unet.set_precision(args.precision)
-    net = unet.build_unet(args.image_size, 4, 1, settings.BASE_FILTERS, settings.DEPTH,
-                          settings.USE_TRANSPOSED_CONV, settings.USE_BATCH_NORM,
-                          settings.DROPOUT)
-    net.compile(optimizer=keras.optimizers.Adam(settings.LEARNING_RATE),
-                loss=unet.bce_dice_loss)
+    net = compiled_worker_model(args, args.image_size, 4, 1)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch_size, args.image_size, args.image_size, 4),
                                  dtype=np.float32)
@@ -227,9 +234,7 @@ def data_pipeline_img_s(data_dir, batch_size, batches=200):
 def forward_flops(image_size):
     import model as unet
 
-    net = unet.build_unet(image_size, 4, 1, settings.BASE_FILTERS, settings.DEPTH,
-                          settings.USE_TRANSPOSED_CONV, settings.USE_BATCH_NORM)
-    return unet.forward_flops_per_slice(net)
+    return unet.forward_flops_per_slice(settings_unet(image_size, 4, 1))
 
 
 # --- Report ----------------------------------------------------------------------------------
