@@ -10,10 +10,11 @@ from keras import layers, ops
 SMOOTH = 1.0  # added to Dice numerator and denominator: defined (=1) when both masks are empty
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 # Only AMX makes bfloat16 training faster than float32. Measured on this project's 2-core
-# VM, whose CPU has AVX512_BF16 but no AMX, U-Net (16 filters, depth 4, 128x128, batch 16,
-# 2 threads): float32 16.3 train / 50.7 predict img/s, mixed_bfloat16 12.2 / 39.2. oneDNN's
-# avx512_core_bf16 kernels plus the layout reorders around them lose to float32 AVX-512;
-# AMX tiles (Sapphire Rapids and later) roughly double the float32 rate.
+# VM, whose CPU has AVX512_BF16 but no AMX (bench/training.py, reference U-Net, batch 16,
+# 2 threads): mixed_bfloat16 trains at 0.67x float32, because oneDNN's avx512_core_bf16
+# convolutions themselves take 1.62x the time of its float32 avx512_core ones (casts and
+# layout reorders: 6 ms of a 290 ms step in both). AMX tiles (Sapphire Rapids and later)
+# roughly double the float32 rate.
 FAST_BF16_CPU_FLAGS = ("amx_bf16",)
 
 
