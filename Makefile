@@ -23,18 +23,18 @@ test: setup
 
 # Training speed: plain Keras fit vs Horovod, ranks x threads, float32 vs bfloat16, memory.
 bench-training: setup
-	$(PYTHON) bench/training.py --json runs/bench_training.json
+	$(PYTHON) -m bench.training --json runs/bench_training.json
 
 # bfloat16 against float32: final validation Dice and speed, trained as the demo trains.
 bench-precision: setup
-	$(PYTHON) bench/precision.py --json runs/bench_precision.json
+	$(PYTHON) -m bench.precision --json runs/bench_precision.json
 
 # Only the tests across network-namespace hosts (root), and their throughput benchmark.
 test-multihost: setup
 	$(PYTHON) -m pytest -q -m multihost tests
 
 bench-multihost: setup
-	$(PYTHON) bench/multihost.py --json runs/bench_multihost.json
+	$(PYTHON) -m bench.multihost --json runs/bench_multihost.json
 
 clean:
 	rm -rf data runs

@@ -1,15 +1,11 @@
 """Converts a BraTS release (NIfTI volumes) into the slice arrays training and inference read.
 
-    python converter.py --raw-dir DIR --out-dir DIR [--split 0.85] [--seed N]
+    python converter.py --raw-dir DIR --data-dir DIR [--train-fraction 0.85] [--split-seed N]
 
-It detects the release's layout (layouts.py: BraTS 2017-2023 or the Decathlon task), reads
-every case, prepares its axial slices (preprocessing.py) and writes to the output folder
-
-    imgs_train.npy  [N, S, S, 4] float16 (or float32): channels in MODALITIES order
-    msks_train.npy  [N, S, S, K] uint8: whole tumor, or whole tumor, tumor core, enhancing
-    imgs_test.npy, msks_test.npy
-    manifest.json   layout and label mapping, preprocessing, which case went to which split,
-                    its rows, slices and crop box, and the skipped cases with the reason
+It detects the release's layout (brainseg/layouts.py: BraTS 2017-2023 or the Decathlon task),
+reads every case, prepares its axial slices (brainseg/preprocessing.py) and writes the image
+and mask arrays of a training and a test split, and their manifest, to the data folder
+(brainseg/dataset.py describes the files).
 
 Cases are split by patient, never by slice: slices of one patient are nearly identical, so a
 slice-level split would leak the test set into training. A release without label maps
@@ -23,31 +19,24 @@ and renamed when complete, manifest.json last: a folder without a manifest is in
 import collections
 import concurrent.futures
 import dataclasses
-import io
-import json
 import os
 import sys
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-import atomic
-import cli
-import layouts
-import preprocessing
-import settings
+from brainseg import cli, dataset, layouts, preprocessing
 
 SETTINGS = ["RAW_DIR", "DATA_DIR", "TRAIN_FRACTION", "SPLIT_SEED", "LAYOUT", "IMAGE_SIZE",
             "CROP_SIZE", "CROP_MODE", "SLICE_POLICY", "LABEL_MODE", "IMAGE_DTYPE",
             "CONVERT_WORKERS", "STRICT"]
-FLAGS = {"RAW_DIR": "--raw-dir", "DATA_DIR": "--out-dir", "TRAIN_FRACTION": "--split",
-         "SPLIT_SEED": "--seed", "CONVERT_WORKERS": "--workers"}
+# Earlier spellings of the flags, still accepted (the README used them).
+ALIASES = {"DATA_DIR": ["--out-dir"], "TRAIN_FRACTION": ["--split"], "SPLIT_SEED": ["--seed"],
+           "CONVERT_WORKERS": ["--workers"]}
 HELP = {"LAYOUT": "auto, " + ", ".join(layouts.LAYOUTS), "CROP_MODE": "center or brain_box",
         "SLICE_POLICY": "brain or all", "LABEL_MODE": "whole_tumor or regions",
         "IMAGE_DTYPE": "float16 or float32", "CONVERT_WORKERS": "0 = one per core",
         "STRICT": "fail when any case is skipped"}
-MANIFEST = "manifest.json"
 
 
 def split_cases(case_ids, train_fraction, seed):
@@ -58,12 +47,6 @@ def split_cases(case_ids, train_fraction, seed):
     if len(shuffled) >= 2:
         num_train = min(max(num_train, 1), len(shuffled) - 1)
     return sorted(shuffled[:num_train]), sorted(shuffled[num_train:])
-
-
-def split_paths(data_dir, split):
-    """Paths of the image and mask arrays of one split ('train' or 'test')."""
-    return (os.path.join(data_dir, f"imgs_{split}.npy"),
-            os.path.join(data_dir, f"msks_{split}.npy"))
 
 
 def prepare_case(case, options):
@@ -94,55 +77,9 @@ def prepared_cases(cases, options, workers):
             yield case, future.result()
 
 
-class NpyAppender:
-    """Appends rows to a .npy file under a temporary name; finish() writes the final row count
-    into the header, truncates unused space and renames the file into place.
-
-    Rows are written with ordinary file writes rather than through a memory map: written
-    pages then belong to the page cache, not to this process, so its resident memory stays at
-    one case whatever the output size (a memory map counts every page it touched)."""
-
-    def __init__(self, path, capacity, row_shape, dtype):
-        self.path, self.rows = path, 0
-        self.row_shape, self.dtype = tuple(row_shape), np.dtype(dtype)
-        self.partial_path = path.replace(".npy", ".partial.npy")
-        self.file = open(self.partial_path, "wb")
-        self.header_size = self.file.write(self._header(capacity))
-
-    def _header(self, rows, size=None):
-        """The .npy header for `rows` rows, padded with spaces to `size` bytes when given
-        (a smaller row count has fewer digits, so the final header always fits)."""
-        buffer = io.BytesIO()
-        np.lib.format.write_array_header_1_0(buffer, {
-            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-            "shape": (rows, *self.row_shape)})
-        header = buffer.getvalue()
-        if size is None or len(header) == size:
-            return header
-        text = header[10:].rstrip(b" \n")
-        text += b" " * (size - 10 - len(text) - 1) + b"\n"
-        return header[:8] + len(text).to_bytes(2, "little") + text
-
-    def append(self, rows):
-        self.file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
-        self.rows += len(rows)
-
-    def finish(self):
-        self.file.seek(0)
-        self.file.write(self._header(self.rows, self.header_size))
-        self.file.truncate(self.header_size + self.rows * self.dtype.itemsize *
-                           int(np.prod(self.row_shape)))
-        self.file.close()
-        os.replace(self.partial_path, self.path)
-
-    def discard(self):
-        self.file.close()
-        os.remove(self.partial_path)
-
-
 def grid(case):
     """Shape and voxel spacing (mm) of a case's scans, from the header."""
-    header = nib.load(case.images[settings.MODALITIES[0]]).header
+    header = layouts.reference_image(case).header
     return {"shape": [int(n) for n in header.get_data_shape()[:3]],
             "spacing": [float(mm) for mm in header.get_zooms()[:3]]}
 
@@ -156,15 +93,15 @@ def convert_split(split, cases, options, out_dir, workers, with_masks, skipped):
             grids[case.case_id] = grid(case) if not case.problem else None
         except Exception as error:
             grids[case.case_id] = None
-            case.problem = f"{case.images[settings.MODALITIES[0]]}: unreadable header ({error})"
+            case.problem = f"{case.images[layouts.MODALITIES[0]]}: unreadable header ({error})"
     size = options.image_size
     total = sum(found["shape"][2] for found in grids.values() if found)
-    imgs_path, msks_path = split_paths(out_dir, split)
-    writers = [NpyAppender(imgs_path, total, (size, size, len(settings.MODALITIES)),
+    imgs_path, msks_path = dataset.split_paths(out_dir, split)
+    writers = [dataset.NpyAppender(imgs_path, total, (size, size, len(layouts.MODALITIES)),
                            options.image_dtype)]
     if with_masks:
-        writers.append(NpyAppender(msks_path, total, (size, size, len(options.target_names)),
-                                   np.uint8))
+        writers.append(dataset.NpyAppender(msks_path, total,
+                                           (size, size, len(options.target_names)), np.uint8))
     entries = []
     progress = tqdm(prepared_cases(cases, options, workers), total=len(cases),
                     desc=f"{split:>5} cases", unit="case")
@@ -184,17 +121,8 @@ def convert_split(split, cases, options, out_dir, workers, with_masks, skipped):
     return entries, writers
 
 
-def load_manifest(data_dir):
-    """The manifest of a converted folder, or None when there is none."""
-    path = os.path.join(data_dir, MANIFEST)
-    if not os.path.exists(path):
-        return None
-    with open(path) as file:
-        return json.load(file)
-
-
 def main(argv=None):
-    args = cli.parse(__doc__.splitlines()[0], SETTINGS, argv, HELP, FLAGS)
+    args = cli.parse(__doc__.splitlines()[0], SETTINGS, argv, HELP, ALIASES)
     print(f"Converting a BraTS release\nConfiguration:\n{cli.format_config(args)}")
     try:
         layout, cases = layouts.find_cases(args.RAW_DIR, args.LAYOUT)
@@ -211,7 +139,7 @@ def main(argv=None):
           + ("" if with_masks else "; no label maps: images only, all in the test split"))
 
     os.makedirs(args.DATA_DIR, exist_ok=True)
-    manifest_path = os.path.join(args.DATA_DIR, MANIFEST)
+    manifest_path = dataset.manifest_path(args.DATA_DIR)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # the folder is incomplete until the new manifest lands
 
@@ -241,11 +169,11 @@ def main(argv=None):
                  f"converted{' (--strict)' if converted else ''}; nothing was written")
     for writer in writers:
         writer.finish()
-    atomic.write_json(manifest_path, {
+    dataset.write_manifest(args.DATA_DIR, {
         "layout": layout,
         "label_map": {str(k): v for k, v in layouts.LAYOUTS[layout].label_map.items()},
         "internal_labels": {str(k): v for k, v in layouts.INTERNAL_LABELS.items()},
-        "modalities": list(settings.MODALITIES), "targets": list(options.target_names),
+        "modalities": list(layouts.MODALITIES), "targets": list(options.target_names),
         "preprocessing": dataclasses.asdict(options), "has_masks": with_masks,
         "train_fraction": args.TRAIN_FRACTION, "split_seed": args.SPLIT_SEED,
         "raw_dir": os.path.abspath(args.RAW_DIR), "splits": splits, "skipped": skipped})

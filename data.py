@@ -1,9 +1,10 @@
 """Input pipeline: memory-mapped slice arrays -> one disjoint shard per rank -> tf.data batches.
 
 The arrays written by converter.py can be far larger than memory (13 GB of images in the seed
-project), so they are opened with mmap_mode='r' (shape checks, nothing read) and each
-sample is read from the file when the pipeline needs it. Every rank must run the same number of steps per epoch: Horovod's allreduce waits
-for all ranks, and a rank that stops early leaves the others waiting forever.
+project), so they are opened memory-mapped by brainseg.dataset.open_split (shape checks,
+nothing read) and each sample is read from the file when the pipeline needs it. Every rank
+must run the same number of steps per epoch: Horovod's allreduce waits for all ranks, and a
+rank that stops early leaves the others waiting forever.
 """
 import math
 import mmap
@@ -11,37 +12,6 @@ import os
 
 import numpy as np
 import tensorflow as tf
-
-from converter import split_paths
-
-
-def load_split(data_dir, split, image_size=None, channels=None):
-    """Opens imgs_<split>.npy and msks_<split>.npy memory-mapped, after checking that they
-    exist and agree: [N, H, W, C] images and [N, H, W, K] masks with the same N, H and W.
-    image_size / channels, when given, are what the caller (a model) expects."""
-    imgs_path, msks_path = split_paths(data_dir, split)
-    arrays = []
-    for path in (imgs_path, msks_path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: not found; run converter.py first "
-                                    f"(or pass --data-dir pointing at its output)")
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as error:
-            raise ValueError(f"{path}: not a readable .npy array ({error})") from error
-        if array.ndim != 4:
-            raise ValueError(f"{path}: expected a 4-D array [N, H, W, C], got shape {array.shape}")
-        arrays.append(array)
-    imgs, msks = arrays
-    if imgs.shape[:3] != msks.shape[:3]:
-        raise ValueError(f"{imgs_path} has shape {imgs.shape} but {msks_path} has shape "
-                         f"{msks.shape}: the first three dimensions must agree")
-    if image_size is not None and imgs.shape[1:3] != (image_size, image_size):
-        raise ValueError(f"{imgs_path}: slices are {imgs.shape[1]}x{imgs.shape[2]}, "
-                         f"expected {image_size}x{image_size}")
-    if channels is not None and imgs.shape[3] != channels:
-        raise ValueError(f"{imgs_path}: {imgs.shape[3]} channels, expected {channels}")
-    return imgs, msks
 
 
 def shard_indices(num_samples, rank, num_ranks):

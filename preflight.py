@@ -12,7 +12,6 @@ this host's:
 With --sync-data the arrays are first copied with rsync over the same agent (rsync sends
 only what differs). Every problem is printed with the host and file it concerns.
 """
-import argparse
 import concurrent.futures
 import glob
 import hashlib
@@ -26,14 +25,13 @@ import sys
 
 import numpy as np
 
-import cli
+from brainseg import cli, dataset
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = ["DATA_DIR", "LAUNCH_AGENT", "HOST_TIMEOUT_SECONDS"]
 HELP = {"LAUNCH_AGENT": "remote-shell command that reaches the hosts",
         "HOST_TIMEOUT_SECONDS": "a host that does not answer within this is reported"}
 PACKAGES = ["tensorflow-cpu", "tensorflow", "keras", "horovod", "numpy", "mpi4py"]
-DATA_PATTERNS = ["imgs_*.npy", "msks_*.npy", "manifest.json"]
 NOT_ANSWERING = 255  # ssh's exit status when it cannot reach the host
 
 
@@ -50,11 +48,14 @@ def package_versions():
 
 
 def project_files_digest():
-    """One hash per Python file of the project: a node with an older copy is caught."""
+    """One hash per Python file of the project (scripts and the brainseg package): a node
+    with an older copy is caught."""
     digests = {}
-    for path in sorted(glob.glob(os.path.join(REPO_DIR, "*.py"))):
-        with open(path, "rb") as file:
-            digests[os.path.basename(path)] = hashlib.sha256(file.read()).hexdigest()[:16]
+    for pattern in ("*.py", os.path.join("brainseg", "*.py")):
+        for path in sorted(glob.glob(os.path.join(REPO_DIR, pattern))):
+            with open(path, "rb") as file:
+                digests[os.path.relpath(path, REPO_DIR)] = \
+                    hashlib.sha256(file.read()).hexdigest()[:16]
     return digests
 
 
@@ -69,7 +70,7 @@ def describe_data_file(path):
 
 def host_report(data_dir):
     data = {}
-    for pattern in DATA_PATTERNS:
+    for pattern in dataset.DATA_PATTERNS:
         for path in sorted(glob.glob(os.path.join(data_dir, pattern))):
             data[os.path.basename(path)] = describe_data_file(path)
     return {"hostname": socket.gethostname(), "repo_dir": REPO_DIR, "python": sys.executable,
@@ -175,7 +176,7 @@ def sync_data(agent, host, data_dir, timeout):
     # rsync creates only the last folder of the destination (--mkpath needs rsync >= 3.2.3).
     mkdir = shlex.split(agent) + [host, f"mkdir -p {shlex.quote(os.path.dirname(data_dir))}"]
     command = ["rsync", "--archive", "--out-format=%n", "-e", agent,
-               *(f"--include={pattern}" for pattern in DATA_PATTERNS),
+               *(f"--include={pattern}" for pattern in dataset.DATA_PATTERNS),
                "--exclude=*", data_dir.rstrip("/") + "/", f"{host}:{data_dir.rstrip('/')}/"]
     try:
         subprocess.run(mkdir, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -198,7 +199,7 @@ def check_hosts(hosts, agent, data_dir, timeout, sync=False):
     here = host_report(data_dir)
     if not here["data"]:
         return [f"this host ({here['hostname']}): {data_dir} holds no converted arrays "
-                f"({', '.join(DATA_PATTERNS)}) to compare the other hosts with"]
+                f"({', '.join(dataset.DATA_PATTERNS)}) to compare the other hosts with"]
 
     def check(host):
         if sync:

@@ -21,7 +21,7 @@ set -euo pipefail
 repo_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python_bin="$repo_dir/.venv/bin/python"
 [ -x "$python_bin" ] || python_bin="$(command -v python3)"
-hosts_file="$repo_dir/hosts.txt"
+hosts_file=""
 dry_run=0
 agent=""
 network=""
@@ -54,6 +54,14 @@ while [ $# -gt 0 ]; do
         *) die "unknown option '$1' (train_horovod.py flags go after --)" ;;
     esac
 done
+
+# Defaults from settings.py, and the data folder the training flags name: shell-quoted
+# assignments of setting_hosts_file, setting_launch_agent, setting_network_interface,
+# setting_host_timeout_seconds, setting_kmp_blocktime, setting_kmp_affinity, setting_data_dir.
+launch_settings="$(cd "$repo_dir" && "$python_bin" -m brainseg.launch_settings -- "$@")" ||
+    die "cannot read settings.py (see the error above)"
+eval "$launch_settings"
+[ -n "$hosts_file" ] || hosts_file="$setting_hosts_file"
 [ -f "$hosts_file" ] || die "$hosts_file: hosts file not found"
 
 # Parse hosts.txt into mpirun's --host list: "name:slots,name:slots".
@@ -86,18 +94,14 @@ done <"$hosts_file"
 # Each worker gets its own cores (assumes the hosts are alike: sized from this one).
 cores_per_worker=$(( $(nproc) / first_host_slots ))
 [ "$cores_per_worker" -ge 1 ] || cores_per_worker=1
-# Defaults from settings.py, one per line (the agent may contain spaces).
-{ read -r kmp_blocktime; read -r kmp_affinity; read -r default_host_timeout
-  read -r default_agent; read -r default_network; } < <(cd "$repo_dir" && "$python_bin" -c \
-    'import settings as s; print(s.KMP_BLOCKTIME, s.KMP_AFFINITY, s.HOST_TIMEOUT_SECONDS,
-                                 s.LAUNCH_AGENT, s.NETWORK_INTERFACE, sep="\n")')
-[ -n "$host_timeout" ] || host_timeout="$default_host_timeout"
-[ -n "$agent" ] || agent="$default_agent"
-[ "$network_set" -eq 1 ] || network="$default_network"
+[ -n "$host_timeout" ] || host_timeout="$setting_host_timeout_seconds"
+[ -n "$agent" ] || agent="$setting_launch_agent"
+[ "$network_set" -eq 1 ] || network="$setting_network_interface"
 [[ "$network" =~ ^[A-Za-z0-9_.:/,-]*$ ]] ||
     die "--network: '$network' is not a list of interfaces or subnets"
 
-export OMP_NUM_THREADS="$cores_per_worker" KMP_BLOCKTIME="$kmp_blocktime" KMP_AFFINITY="$kmp_affinity"
+export OMP_NUM_THREADS="$cores_per_worker" KMP_BLOCKTIME="$setting_kmp_blocktime" \
+    KMP_AFFINITY="$setting_kmp_affinity"
 export PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
 export VIRTUAL_ENV="${VIRTUAL_ENV:-$repo_dir/.venv}"
@@ -148,16 +152,9 @@ if [ "$dry_run" -eq 1 ]; then
 fi
 
 # Before launching: every host answers and can run the same job on the same data.
-data_dir=""
-for ((i = 1; i <= $#; i++)); do
-    case "${!i}" in
-        --data-dir) next=$((i + 1)); data_dir="${!next:-}" ;;
-        --data-dir=*) data_dir="${!i#--data-dir=}" ;;
-    esac
-done
 if [ "$preflight" -eq 1 ] || [ "$preflight_only" -eq 1 ] || [ -n "$sync_data" ]; then
     (cd "$repo_dir" && "$python_bin" preflight.py --launch-agent "$agent" \
-        --host-timeout-seconds "$host_timeout" ${data_dir:+--data-dir "$data_dir"} \
+        --host-timeout-seconds "$host_timeout" --data-dir "$setting_data_dir" \
         $sync_data -- "${hosts[@]}") || exit 2
 fi
 [ "$preflight_only" -eq 0 ] || exit 0

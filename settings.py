@@ -12,7 +12,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # --- Data paths --------------------------------------------------------------------------
 RAW_DIR = os.path.join(_HERE, "data", "raw")  # BraTS root: one folder per case
 DATA_DIR = os.path.join(_HERE, "data", "converted")  # imgs_*.npy, msks_*.npy, manifest.json
-OUTPUT_DIR = os.path.join(_HERE, "runs", "train")  # model.keras, CSV and TensorBoard logs
+TRAIN_DIR = os.path.join(_HERE, "runs", "train")  # model.keras, checkpoints, CSV, TensorBoard
 INFERENCE_DIR = os.path.join(_HERE, "runs", "inference")  # metrics, per-case CSV, PNGs
 
 # --- Synthetic BraTS cases (the demo and the tests; real data needs registration) -------
@@ -22,7 +22,6 @@ SYNTHETIC_SEED = 2018
 
 # --- Conversion -----------------------------------------------------------------------------
 LAYOUT = "auto"  # or brats2017 (HGG/LGG), brats2020 (2020-2021), brats2023, msd (Decathlon)
-MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of the image arrays
 IMAGE_SIZE = 128  # each axial slice is brought to IMAGE_SIZE x IMAGE_SIZE
 CROP_MODE = "center"  # "center": CROP_SIZE square at the grid centre (seed project), same
 #                       scale for every case; "brain_box": the brain's bounding square, more
@@ -58,7 +57,7 @@ SEED = 42  # weights, shuffling and augmentation
 LOG_EVERY_STEPS = 20  # rank 0 prints a progress line this often within an epoch
 # "mixed_bfloat16" computes in bfloat16 (weights, outputs and loss stay float32): about twice
 # as fast on CPUs with AMX-BF16 (Sapphire Rapids and later); with AVX512_BF16 alone it was
-# measured slower than float32 (see model.FAST_BF16_CPU_FLAGS). "auto" picks it when
+# measured slower than float32 (see brainseg/hardware.py). "auto" picks it when
 # /proc/cpuinfo lists amx_bf16, float32 otherwise.
 PRECISION = "auto"  # "auto" | "float32" | "mixed_bfloat16"
 # Stop when validation Dice has not improved for this many epochs; 0 never stops early.
@@ -87,7 +86,7 @@ KMP_BLOCKTIME = 0  # ms a thread spins after a parallel region before sleeping
 KMP_AFFINITY = "granularity=fine,compact,1,0"
 
 # --- Launch ---------------------------------------------------------------------------------
-HOSTS_FILE = os.path.join(_HERE, "hosts.txt")
+HOSTS_FILE = os.path.join(_HERE, "hosts.txt")  # one host per line: `name slots=N`
 # How mpirun and the launcher's checks reach the other hosts (Open MPI's plm_rsh_agent): a
 # command called as `AGENT HOST COMMAND...`, passwordless. The tests use scripts/netns_rsh.sh.
 LAUNCH_AGENT = "ssh"
@@ -100,7 +99,7 @@ NETWORK_INTERFACE = ""
 HOST_TIMEOUT_SECONDS = 20
 
 # --- Inference -----------------------------------------------------------------------------
-CHECKPOINT = os.path.join(OUTPUT_DIR, "model.keras")
+CHECKPOINT = ""  # "": the best model of the training run, TRAIN_DIR/model.keras
 INFERENCE_BATCH_SIZE = 64
 INFERENCE_PRECISION = "auto"  # "auto": bfloat16 where the CPU has it (AMX / AVX512_BF16)
 NUM_FIGURES = 0  # PNG montages of at most this many scored cases; 0: every scored case

@@ -9,11 +9,17 @@ the first epochs (large rates destabilize an untrained network) and then decayed
 
 After every epoch rank 0 checkpoints the model, optimizer and progress (checkpoints.py);
 rerunning the same command with the same --output-dir resumes from the last checkpoint,
-and OUTPUT_DIR/model.keras is always the best epoch by validation Dice, ready for
+and TRAIN_DIR/model.keras is always the best epoch by validation Dice, ready for
 inference.py. Training stops early when validation Dice stops improving.
 
-Keras 3 note: Horovod's DistributedGradientTape and DistributedOptimizer do not work with
-Keras 3 variables and optimizers, so gradients are averaged explicitly with grouped_allreduce.
+Why a loop of our own rather than Keras' fit() with a train_step override: Horovod's
+DistributedGradientTape and DistributedOptimizer do not work with Keras 3 variables and
+optimizers, so gradients are averaged explicitly with grouped_allreduce in train_step either
+way; and an exact resume needs the data stream skipped to the sample where the interrupted
+run stopped, validation sums added across ranks before early stopping decides, and the
+early-stopping counters restored, none of which fit() exposes (its EarlyStopping callback
+resets its counters at every start). The loop is fit()'s own, twenty lines, and it still
+drives Keras callbacks (CSV log, TensorBoard).
 """
 import datetime
 import os
@@ -24,13 +30,11 @@ import horovod.tensorflow as hvd
 import keras
 import tensorflow as tf
 
-import checkpoints
-import cli
 import data
 import model as unet
-import threads
+from brainseg import checkpoints, cli, dataset, hardware, metrics
 
-SETTINGS = ["DATA_DIR", "OUTPUT_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE",
+SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE",
             "LEARNING_RATE", "WARMUP_EPOCHS", "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH",
             "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
             "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION", "EARLY_STOPPING_PATIENCE",
@@ -41,6 +45,8 @@ HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled
         "EARLY_STOPPING_PATIENCE": "epochs without a better validation Dice; 0 = never",
         "TIMELINE": "write a Horovod timeline (Chrome trace) to this file",
         "HOROVOD_CYCLE_TIME_MS": "an exported HOROVOD_CYCLE_TIME wins"}
+# Earlier spellings of the flags, still accepted (the README used them).
+ALIASES = {"TRAIN_DIR": ["--output-dir"]}
 
 
 def learning_rate_schedule(base_lr, num_workers, steps_per_epoch, epochs, warmup_epochs,
@@ -95,7 +101,7 @@ def evaluate(eval_step, dataset):
     for images, masks in dataset:
         sums += eval_step(images, masks)
     loss_sum, intersection, total, count = hvd.allreduce(sums, op=hvd.Sum).numpy()
-    return loss_sum / max(count, 1), unet.dice_from_sums(intersection, total)
+    return loss_sum / max(count, 1), float(metrics.dice_from_sums(intersection, total, unet.SMOOTH))
 
 
 def say(text):
@@ -131,19 +137,48 @@ def start_horovod(timeline, cycle_time_ms):
 
 
 def resume_point(output_dir, num_workers, steps_per_epoch):
-    """Rank 0's last committed training state, the same on every rank (broadcast: with local
-    disks the other ranks may not even see rank 0's file), or None for a fresh run. A state
-    from another number of workers or steps per epoch would not continue the same schedule
-    and data order, so it is refused on every rank alike."""
-    state = checkpoints.load_state(output_dir) if hvd.rank() == 0 else None
-    state = hvd.broadcast_object(state, root_rank=0, name="resume_state")
-    if state and (state["num_workers"], state["steps_per_epoch"]) != (num_workers,
-                                                                      steps_per_epoch):
+    """The progress to continue from, the same on every rank (rank 0 reads its last
+    committed checkpoint and broadcasts it: with local disks the other ranks may not even see
+    the file), and that checkpoint (None for a fresh run). A state from another number of
+    workers or steps per epoch would not continue the same schedule and data order, so it is
+    refused on every rank alike."""
+    saved = checkpoints.load_state(output_dir) if hvd.rank() == 0 else None
+    saved = hvd.broadcast_object(saved, root_rank=0, name="resume_state")
+    if saved is None:
+        return checkpoints.Progress(num_workers, steps_per_epoch), None
+    progress = saved.progress
+    if (progress.num_workers, progress.steps_per_epoch) != (num_workers, steps_per_epoch):
         raise ValueError(
-            f"{state['state_path']}: saved by {state['num_workers']} workers with "
-            f"{state['steps_per_epoch']} steps per epoch; this run has {num_workers} and "
-            f"{steps_per_epoch}. Rerun the original command or use another --output-dir")
-    return state
+            f"{saved.path}: saved by {progress.num_workers} workers with "
+            f"{progress.steps_per_epoch} steps per epoch; this run has {num_workers} and "
+            f"{steps_per_epoch}. Rerun the original command or use another --train-dir")
+    return progress, saved
+
+
+def sharded_datasets(args, imgs_train, msks_train, imgs_test, msks_test, samples_done):
+    """This rank's endless, shuffled training batches, continuing after `samples_done`
+    samples (a resumed run sees the batches the uninterrupted one would have), and its shard
+    of the validation slices."""
+    train_batches = iter(data.training_dataset(
+        imgs_train, msks_train, data.shard_indices(len(imgs_train), hvd.rank(), hvd.size()),
+        args.BATCH_SIZE, seed=args.SEED + hvd.rank(), skip_samples=samples_done))
+    test_batches = data.evaluation_dataset(
+        imgs_test, msks_test, data.shard_indices(len(imgs_test), hvd.rank(), hvd.size()),
+        args.BATCH_SIZE)
+    return train_batches, test_batches
+
+
+def restore_and_broadcast(model, optimizer, saved):
+    """Rank 0 restores the checkpoint, if any; then every rank takes rank 0's weights and
+    optimizer state, so all start identical."""
+    if saved and hvd.rank() == 0:
+        checkpoints.restore_state(model, saved)
+    broadcast_from_rank0(model.variables + optimizer.variables)
+    if saved:
+        log(f"Resuming from {saved.path} after epoch {saved.progress.epoch} "
+            f"(step {int(optimizer.iterations)})")
+        say(f"rank {hvd.rank()}: resumed weights fingerprint "
+            f"{checkpoints.weights_fingerprint(model)}")
 
 
 def build_model_and_optimizer(args, images_shape, masks_shape, steps_per_epoch):
@@ -188,8 +223,8 @@ def train_one_epoch(train_step, batches, steps, epoch, log_every):
         total += float(batch_total)
         if step % log_every == 0 and step < steps:
             log(f"  epoch {epoch + 1} step {step}/{steps} loss {loss_sum / step:.4f}")
-    return loss_sum / steps, unet.dice_from_sums(intersection, total), \
-        time.perf_counter() - started
+    dice = float(metrics.dice_from_sums(intersection, total, unet.SMOOTH))
+    return loss_sum / steps, dice, time.perf_counter() - started
 
 
 def memory_line():
@@ -211,80 +246,29 @@ def epoch_line(epoch, epochs, logs):
             f"ETA {datetime.timedelta(seconds=round(logs['eta_seconds']))}")
 
 
-def main(argv=None):
-    args = cli.parse(__doc__.splitlines()[0], SETTINGS, argv, HELP)
-    start_horovod(args.TIMELINE, args.HOROVOD_CYCLE_TIME_MS)
-    intra, inter = threads.configure(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS,
-                                     hvd.local_size())
-    precision = unet.set_precision(args.PRECISION)
-    log(f"Horovod: {hvd.size()} workers; each uses {intra} intra-op and {inter} inter-op "
-        f"threads; precision {precision} (CPU has AMX-BF16: "
-        f"{unet.cpu_has_fast_bfloat16()})\nConfiguration:\n{cli.format_config(args)}")
-    keras.utils.set_random_seed(args.SEED)
-
-    # Data: a disjoint shard of the training slices per rank, equal steps on every rank.
-    imgs_train, msks_train = data.load_split(args.DATA_DIR, "train")
-    imgs_test, msks_test = data.load_split(args.DATA_DIR, "test")
-    steps_per_epoch = args.STEPS_PER_EPOCH or data.steps_per_epoch(
-        len(imgs_train), hvd.size(), args.BATCH_SIZE)
-    log(f"{len(imgs_train)} training slices, {len(imgs_test)} validation slices; "
-        f"{steps_per_epoch} steps per epoch of {args.BATCH_SIZE} x {hvd.size()} slices")
-
-    # A rerun of the same command continues from the last checkpoint in OUTPUT_DIR.
-    state = resume_point(args.OUTPUT_DIR, hvd.size(), steps_per_epoch)
-    first_epoch = state["epoch"] if state else 0
-    if state and state.get("epochs", args.EPOCHS) != args.EPOCHS:
-        log(f"Note: the checkpoint was written by a run of {state['epochs']} epochs; the "
-            f"learning-rate schedule now follows {args.EPOCHS}")
-    if state and (first_epoch >= args.EPOCHS or state["stopped_early"]):
-        log(f"{args.OUTPUT_DIR} holds a finished run (epoch {first_epoch}); nothing to train. "
-            f"Use another --output-dir to train anew")
-    train_batches = iter(data.training_dataset(
-        imgs_train, msks_train, data.shard_indices(len(imgs_train), hvd.rank(), hvd.size()),
-        args.BATCH_SIZE, seed=args.SEED + hvd.rank(),
-        skip_samples=first_epoch * steps_per_epoch * args.BATCH_SIZE))
-    test_batches = data.evaluation_dataset(
-        imgs_test, msks_test, data.shard_indices(len(imgs_test), hvd.rank(), hvd.size()),
-        args.BATCH_SIZE)
-
-    # Model and optimizer, identical on every rank: rank 0's, fresh or restored.
-    model, optimizer, schedule = build_model_and_optimizer(args, imgs_train.shape,
-                                                           msks_train.shape, steps_per_epoch)
-    if state and hvd.rank() == 0:
-        checkpoints.restore_state(model, state)
-    broadcast_from_rank0(model.variables + optimizer.variables)
-    if state:
-        log(f"Resuming from {state['state_path']} after epoch {first_epoch} "
-            f"(step {int(optimizer.iterations)})")
-        say(f"rank {hvd.rank()}: resumed weights fingerprint "
-            f"{checkpoints.weights_fingerprint(model)}")
+def fit(model, optimizer, schedule, train_batches, test_batches, progress, args):
+    """Trains the epochs left in `progress`: synchronous steps on every rank, then the
+    validation Dice, which the allreduce makes bit-identical on every rank, so all ranks take
+    the same early-stopping decision without a broadcast. Rank 0 logs and checkpoints."""
     train_step = make_train_step(model, optimizer, unet.bce_dice_loss)
     eval_step = make_eval_step(model, unet.bce_dice_loss)
-
-    callbacks = make_callbacks(model, args.OUTPUT_DIR, resuming=bool(state))
+    callbacks = make_callbacks(model, args.TRAIN_DIR, resuming=progress.epoch > 0)
     callbacks.on_train_begin()
-
-    # Early stopping and the best model follow validation Dice, which the allreduce makes
-    # bit-identical on every rank: all ranks take the same decision without a broadcast.
-    progress = state or checkpoints.new_progress(hvd.size(), steps_per_epoch)
-    progress["epochs"] = args.EPOCHS
-    export_path = os.path.join(args.OUTPUT_DIR, checkpoints.EXPORT_NAME)
+    export_path = os.path.join(args.TRAIN_DIR, checkpoints.EXPORT_NAME)
     seconds_this_run = []
-    for epoch in range(first_epoch, args.EPOCHS):
-        if progress["stopped_early"]:
-            break
+    for epoch in range(progress.epoch, args.EPOCHS):
         callbacks.on_epoch_begin(epoch)
-        loss, dice, seconds = train_one_epoch(train_step, train_batches, steps_per_epoch,
-                                              epoch, args.LOG_EVERY_STEPS)
+        loss, dice, seconds = train_one_epoch(train_step, train_batches,
+                                              progress.steps_per_epoch, epoch,
+                                              args.LOG_EVERY_STEPS)
         val_loss, val_dice = evaluate(eval_step, test_batches)
         seconds_this_run.append(seconds)
-        improved = checkpoints.record_epoch(progress, epoch, val_dice,
-                                            args.EARLY_STOPPING_PATIENCE)
-        epochs_left = 0 if progress["stopped_early"] else args.EPOCHS - epoch - 1
+        improved = progress.record_epoch(epoch, val_dice, args.EARLY_STOPPING_PATIENCE)
+        epochs_left = 0 if progress.stopped_early else args.EPOCHS - epoch - 1
         logs = {"loss": loss, "dice": dice, "val_loss": val_loss, "val_dice": val_dice,
                 "learning_rate": float(schedule(optimizer.iterations)),
-                "images_per_second": steps_per_epoch * args.BATCH_SIZE * hvd.size() / seconds,
-                "epoch_seconds": seconds,
+                "images_per_second": progress.steps_per_epoch * args.BATCH_SIZE * hvd.size()
+                / seconds, "epoch_seconds": seconds,
                 "eta_seconds": epochs_left * sum(seconds_this_run) / len(seconds_this_run)}
         callbacks.on_epoch_end(epoch, logs)
         log(epoch_line(epoch, args.EPOCHS, logs))
@@ -293,16 +277,64 @@ def main(argv=None):
             # leaving a state that claims a best model the export does not hold.
             if improved:
                 checkpoints.export_for_inference(model, export_path)
-            checkpoints.save_state(model, args.OUTPUT_DIR,
-                                   {k: v for k, v in progress.items() if k != "state_path"})
-        if progress["stopped_early"]:
+            checkpoints.save_state(model, args.TRAIN_DIR, progress)
+        if progress.stopped_early:
             log(f"Early stopping: validation Dice has not improved for "
                 f"{args.EARLY_STOPPING_PATIENCE} epochs")
+            break
     callbacks.on_train_end()
+    log(f"Saved {export_path}: epoch {progress.best_epoch}, the best validation Dice "
+        f"({progress.best_val_dice:.4f})")
+
+
+def main(argv=None):
+    args = cli.parse(__doc__.splitlines()[0], SETTINGS, argv, HELP, ALIASES)
+
+    # Horovod, and each worker's threads pinned to the cores it owns.
+    start_horovod(args.TIMELINE, args.HOROVOD_CYCLE_TIME_MS)
+    intra, inter = hardware.configure(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS,
+                                      hvd.local_size())
+    precision = hardware.set_precision(args.PRECISION)
+    log(f"Horovod: {hvd.size()} workers; each uses {intra} intra-op and {inter} inter-op "
+        f"threads; precision {precision} (CPU has AMX-BF16: "
+        f"{hardware.cpu_has_fast_bfloat16()})\nConfiguration:\n{cli.format_config(args)}")
+    keras.utils.set_random_seed(args.SEED)
+
+    # The converted slices (memory-mapped), and the same number of steps on every rank.
+    imgs_train, msks_train = dataset.open_split(args.DATA_DIR, "train")
+    imgs_test, msks_test = dataset.open_split(args.DATA_DIR, "test")
+    steps_per_epoch = args.STEPS_PER_EPOCH or data.steps_per_epoch(
+        len(imgs_train), hvd.size(), args.BATCH_SIZE)
+    log(f"{len(imgs_train)} training slices, {len(imgs_test)} validation slices; "
+        f"{steps_per_epoch} steps per epoch of {args.BATCH_SIZE} x {hvd.size()} slices")
+
+    # A rerun of the same command continues from the last checkpoint in TRAIN_DIR.
+    progress, saved = resume_point(args.TRAIN_DIR, hvd.size(), steps_per_epoch)
+    if progress.finished(args.EPOCHS):
+        log(f"{args.TRAIN_DIR} holds a finished run (epoch {progress.epoch}); nothing to "
+            f"train. Use another --train-dir to train anew")
+        return
+    if saved and progress.epochs not in (0, args.EPOCHS):
+        log(f"Note: the checkpoint was written by a run of {progress.epochs} epochs; the "
+            f"learning-rate schedule now follows {args.EPOCHS}")
+    progress.epochs = args.EPOCHS
+
+    # Each rank's shard of the data, from where the last run stopped.
+    train_batches, test_batches = sharded_datasets(
+        args, imgs_train, msks_train, imgs_test, msks_test,
+        samples_done=progress.epoch * steps_per_epoch * args.BATCH_SIZE)
+
+    # The model, and Adam at a learning rate scaled by the workers, warmed up, then decayed.
+    model, optimizer, schedule = build_model_and_optimizer(args, imgs_train.shape,
+                                                           msks_train.shape, steps_per_epoch)
+
+    # Every rank starts from rank 0's weights and optimizer state, fresh or restored.
+    restore_and_broadcast(model, optimizer, saved)
+
+    # Train, averaging gradients across workers; rank 0 checkpoints every epoch.
+    fit(model, optimizer, schedule, train_batches, test_batches, progress, args)
     say(f"rank {hvd.rank()}: final weights fingerprint {checkpoints.weights_fingerprint(model)}")
     say(f"rank {hvd.rank()}: {memory_line()}")
-    log(f"Saved {export_path}: epoch {progress['best_epoch']}, the best validation Dice "
-        f"({progress['best_val_dice']:.4f})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Converter memory and speed, measured side by side in one run.
 
-    .venv/bin/python bench/converter.py [--small 20] [--large 80] [--workers N] [--json FILE]
+    .venv/bin/python -m bench.converter [--small 20] [--large 80] [--workers N] [--json FILE]
 
 Converts `small` and `large` (4x as many) synthetic full-size cases
   - serially and with N worker processes: peak resident memory of the whole process tree
@@ -16,14 +16,11 @@ import os
 import sys
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_DIR)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import layouts  # noqa: E402
-import preprocessing  # noqa: E402
-import synthetic_brats  # noqa: E402
-from bench.process_memory import run_sampled  # noqa: E402
+from brainseg import layouts, preprocessing, synthetic
+from bench.process_memory import run_sampled
 
 PYTHON = sys.executable
 SEED_BLOCK = 25  # the seed project saved (reloaded, concatenated) every 25 patients
@@ -52,12 +49,12 @@ def ensure_cases(root, count, shape):
     all_dir = os.path.join(root, "all")
     have = len(os.listdir(all_dir)) if os.path.isdir(all_dir) else 0
     if have < count:
-        synthetic_brats.write_dataset(all_dir, count, seed=99, shape=shape)
+        synthetic.write_dataset(all_dir, count, seed=99, shape=shape)
     subset = os.path.join(root, f"first{count}")
     if not os.path.isdir(subset):
         os.makedirs(subset)
         for index in range(1, count + 1):
-            name = synthetic_brats.case_id(index)
+            name = synthetic.case_id(index)
             os.symlink(os.path.join(all_dir, name), os.path.join(subset, name))
     return subset
 
@@ -98,7 +95,7 @@ def main():
                                  "--slice-policy", "all"], count))
         if not args.skip_seed_style:
             rows.append(measure("seed project's approach",
-                                [PYTHON, __file__, "--seed-style", raw[count],
+                                [PYTHON, "-m", "bench.converter", "--seed-style", raw[count],
                                  os.path.join(args.work_dir, "seed_out")], count))
 
     def find(label_start, count):

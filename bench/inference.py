@@ -1,6 +1,6 @@
 """Inference speed on this machine: float32 against bfloat16, measured side by side in one run.
 
-    .venv/bin/python bench/inference.py [--checkpoint FILE] [--batch-size N] [--json FILE]
+    .venv/bin/python -m bench.inference [--checkpoint FILE] [--batch-size N] [--json FILE]
 
 Predicts a 155-slice volume (the BraTS depth) with the U-Net of settings.py (or a given
 checkpoint) the way inference.py does, in float32 and in mixed bfloat16, and prints slices
@@ -10,27 +10,24 @@ on the 2-core development machine: under one second per volume with bfloat16.
 import argparse
 import json
 import os
-import sys
-import time
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_DIR)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import inference  # noqa: E402
-import model as unet  # noqa: E402
-import settings  # noqa: E402
-import threads  # noqa: E402
+import inference
+import model as unet
+import settings
+from brainseg import hardware, layouts
 
 VOLUME_SLICES = 155
 
 
 def bfloat16_hardware():
-    if unet.cpu_has_fast_bfloat16():
+    if hardware.cpu_has_fast_bfloat16():
         return "AMX"
-    return "AVX512_BF16 only, no AMX" if unet.cpu_supports_bfloat16() else "none"
+    return "AVX512_BF16 only, no AMX" if hardware.cpu_supports_bfloat16() else "none"
 
 
 def seconds_per_volume(model, volume, batch_size, repeats):
@@ -46,9 +43,9 @@ def main():
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
-    intra, _ = threads.configure(settings.NUM_INTRA_THREADS, settings.NUM_INTER_THREADS)
+    intra, _ = hardware.configure(settings.NUM_INTRA_THREADS, settings.NUM_INTER_THREADS)
     model = inference.load_checkpoint(args.checkpoint) if args.checkpoint else unet.build_unet(
-        settings.IMAGE_SIZE, len(settings.MODALITIES), 1, settings.BASE_FILTERS, settings.DEPTH)
+        settings.IMAGE_SIZE, len(layouts.MODALITIES), 1, settings.BASE_FILTERS, settings.DEPTH)
     _, size, _, channels = model.input_shape
     volume = np.random.default_rng(0).normal(size=(VOLUME_SLICES, size, size, channels))
     volume = volume.astype(np.float32)
@@ -57,7 +54,7 @@ def main():
 
     figures = {}
     for precision, key in (("float32", "fp32"), ("mixed_bfloat16", "bf16")):
-        seconds = seconds_per_volume(inference.with_precision(model, precision), volume,
+        seconds = seconds_per_volume(hardware.in_precision(model, precision), volume,
                                      args.batch_size, args.repeats)
         figures[f"{key}_volume_s"] = round(seconds, 3)
         figures[f"{key}_slices_per_s"] = round(VOLUME_SLICES / seconds, 1)
@@ -66,7 +63,7 @@ def main():
     figures["bf16_speedup"] = round(figures["fp32_volume_s"] / figures["bf16_volume_s"], 2)
     fastest = min(("fp32", "bf16"), key=lambda key: figures[f"{key}_volume_s"])
     print(f"  bfloat16 speed-up: {figures['bf16_speedup']}x (inference.py's 'auto' precision "
-          f"uses {unet.resolve_precision('auto')})")
+          f"uses {hardware.resolve_precision('auto')})")
     verdict = "met" if figures["bf16_volume_s"] < 1 else "NOT met"
     print(f"  target, a volume in under 1 s: bf16 {verdict}; fastest ({fastest}) "
           f"{figures[f'{fastest}_volume_s']} s")

@@ -12,7 +12,7 @@ All hosts share this machine's cores, so N hosts do not add compute: the ideal i
 images/s as 1 host (efficiency 1/N); what falls short of it is the cost of synchronizing
 gradients over TCP (and of sharing the cores), not a speed-up. Needs root.
 
-    sudo .venv/bin/python bench/multihost.py [--json FILE]
+    sudo .venv/bin/python -m bench.multihost [--json FILE]
 """
 import argparse
 import csv
@@ -26,11 +26,8 @@ import tempfile
 import time
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_DIR)
-sys.path.insert(0, os.path.join(REPO_DIR, "tests"))
 
-import cli  # noqa: E402
-import netns  # noqa: E402
+from brainseg import cli, netns
 
 PYTHON = sys.executable
 LAUNCHER = os.path.join(REPO_DIR, "run_multinode.sh")

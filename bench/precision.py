@@ -1,6 +1,6 @@
 """float32 against mixed_bfloat16: the Dice each reaches and how fast each trains, in one run.
 
-    .venv/bin/python bench/precision.py [--data-dir DIR] [--epochs N] [--json FILE]
+    .venv/bin/python -m bench.precision [--data-dir DIR] [--epochs N] [--json FILE]
 
 Trains the same model twice on the same synthetic BraTS data (or on converted arrays given
 with --data-dir), the way `make demo` does (run_multinode.sh: 2 workers on this machine, the
@@ -18,9 +18,8 @@ import sys
 import tempfile
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_DIR)
 
-import settings  # noqa: E402
+import settings
 
 PYTHON = sys.executable
 PRECISIONS = ("float32", "mixed_bfloat16")

@@ -1,6 +1,6 @@
 """Training speed, scaling and memory on this machine, measured side by side in one run.
 
-    .venv/bin/python bench/training.py [--json FILE] [--steps N] [--batch-size N] ...
+    .venv/bin/python -m bench.training [--json FILE] [--steps N] [--batch-size N] ...
 
 What it measures (images per second after a warm-up epoch, aggregate over all ranks):
   - plain single-process Keras fit() on the same model and data: the baseline a user would
@@ -39,11 +39,10 @@ import sys
 import tempfile
 import time
 
+import settings
+from brainseg import dataset, hardware
+
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_DIR)
-
-import settings  # noqa: E402
-
 PYTHON = sys.executable
 TRAIN_SCRIPT = os.path.join(REPO_DIR, "train_horovod.py")
 
@@ -119,7 +118,7 @@ def horovod(args, data_dir, ranks, threads, precision, bind=True, env=None):
 
 def plain_fit(args, data_dir, precision, threads, cpus=None):
     """The plain Keras baseline in its own process (optionally pinned to `cpus`)."""
-    command = [PYTHON, os.path.abspath(__file__), "--plain-fit-worker", "--data-dir", data_dir,
+    command = [PYTHON, "-m", "bench.training", "--plain-fit-worker", "--data-dir", data_dir,
                "--precision", precision, "--threads", str(threads), "--steps", str(args.steps),
                "--batch-size", str(args.batch_size)]
     if cpus is not None:
@@ -147,7 +146,7 @@ def compiled_worker_model(args, image_size, channels, classes):
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    unet.set_precision(args.precision)
+    hardware.set_precision(args.precision)
     keras.utils.set_random_seed(settings.SEED)
     net = settings_unet(image_size, channels, classes)
     net.compile(optimizer=keras.optimizers.Adam(settings.LEARNING_RATE),
@@ -162,7 +161,7 @@ def plain_fit_worker(args):
 
     import data
 
-    imgs, msks = data.load_split(args.data_dir, "train")
+    imgs, msks = dataset.open_split(args.data_dir, "train")
     net = compiled_worker_model(args, imgs.shape[1], imgs.shape[3], msks.shape[3])
     batches = data.training_dataset(imgs, msks, data.shard_indices(len(imgs), 0, 1),
                                     args.batch_size, seed=settings.SEED)
@@ -182,7 +181,7 @@ def onednn_kernel_ms(args, precision):
     timing (ONEDNN_VERBOSE=1) of one step after two warm-up steps. It shows which instruction
     set the kernels run on, and whether bfloat16's kernels are faster than float32's on this
     CPU, independently of TensorFlow, Keras and Horovod."""
-    command = [PYTHON, os.path.abspath(__file__), "--onednn-worker", "--precision", precision,
+    command = [PYTHON, "-m", "bench.training", "--onednn-worker", "--precision", precision,
                "--threads", str(len(os.sched_getaffinity(0))),
                "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
     stdout = run(command, env={"ONEDNN_VERBOSE": "1"})
@@ -220,7 +219,7 @@ def data_pipeline_img_s(data_dir, batch_size, batches=200):
     """data.py alone: shuffled, augmented batches read from the memory map, no model."""
     import data
 
-    imgs, msks = data.load_split(data_dir, "train")
+    imgs, msks = dataset.open_split(data_dir, "train")
     stream = iter(data.training_dataset(imgs, msks, data.shard_indices(len(imgs), 0, 1),
                                         batch_size, seed=settings.SEED))
     for _ in range(20):  # warm-up: autotuning and the first reads
@@ -231,10 +230,24 @@ def data_pipeline_img_s(data_dir, batch_size, batches=200):
     return batches * batch_size / (time.perf_counter() - started)
 
 
-def forward_flops(image_size):
-    import model as unet
+def forward_flops_per_slice(model):
+    """Multiply-adds x 2 of the convolutions (all but a fraction of a percent of a U-Net's
+    arithmetic) for one slice through the network. Training costs about 3x this (forward,
+    gradient of the input, gradient of the weights)."""
+    from keras import layers
 
-    return unet.forward_flops_per_slice(settings_unet(image_size, 4, 1))
+    flops = 0
+    for layer in model.layers:
+        if isinstance(layer, (layers.Conv2D, layers.Conv2DTranspose)):
+            kernel = layer.kernel.shape  # (kh, kw, in, out) for both kinds
+            grid = layer.input.shape if isinstance(layer, layers.Conv2DTranspose) \
+                else layer.output.shape  # a transposed conv applies its kernel per input pixel
+            flops += 2 * grid[1] * grid[2] * kernel[0] * kernel[1] * kernel[2] * kernel[3]
+    return flops
+
+
+def forward_flops(image_size):
+    return forward_flops_per_slice(settings_unet(image_size, 4, 1))
 
 
 # --- Report ----------------------------------------------------------------------------------
@@ -258,7 +271,7 @@ def print_table(results, flops):
 
 def print_kernel_times(by_precision):
     """oneDNN's time per training step by kernel, float32 beside bfloat16."""
-    print(f"\noneDNN kernels, ms per training step (ONEDNN_VERBOSE)")
+    print("\noneDNN kernels, ms per training step (ONEDNN_VERBOSE)")
     for precision, profile in by_precision.items():
         print(f"  {precision}: {profile['total']:.1f} ms in all")
         for name, ms in list(profile["kernels"].items())[:6]:
@@ -291,13 +304,12 @@ def main():
     if args.onednn_worker:
         return onednn_worker(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import model as unet
 
     args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="bench_training_")
     cores = len(os.sched_getaffinity(0))
-    fast = unet.resolve_precision("auto")  # what a run here uses by default
+    fast = hardware.resolve_precision("auto")  # what a run here uses by default
     print(f"{cores} cores, default precision {fast} (AMX-BF16: "
-          f"{unet.cpu_has_fast_bfloat16()}, AVX512_BF16: {unet.cpu_supports_bfloat16()}); "
+          f"{hardware.cpu_has_fast_bfloat16()}, AVX512_BF16: {hardware.cpu_supports_bfloat16()}); "
           f"batch {args.batch_size} per rank, {args.steps} measured steps after a warm-up "
           f"epoch; scratch in {args.work_dir}",
           flush=True)

@@ -5,16 +5,14 @@ the full-size demo runs.
 """
 import os
 import re
-import sys
 
 import pytest
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_DIR)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import converter  # noqa: E402
-import synthetic_brats  # noqa: E402
+import converter
+from brainseg import synthetic
 
 SMALL_SHAPE = (48, 48, 24)
 SMALL_IMAGE_SIZE = 32
@@ -31,7 +29,7 @@ def convert(raw_dir, out_dir, *extra):
 @pytest.fixture(scope="session")
 def raw_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("raw")
-    synthetic_brats.write_dataset(str(root), NUM_CASES, seed=7, shape=SMALL_SHAPE)
+    synthetic.write_dataset(str(root), NUM_CASES, seed=7, shape=SMALL_SHAPE)
     return root
 
 

@@ -1,6 +1,7 @@
 """checkpoints.py: the resumable state (weights, optimizer, progress) round-trips, is committed
 atomically, bad records name the file, early stopping survives a restart, and the export for
 inference loads in safe mode without the optimizer, also when trained in bfloat16."""
+import dataclasses
 import json
 import os
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import checkpoints
+from brainseg import checkpoints
 import model as unet
 
 
@@ -31,14 +32,14 @@ def compiled_unet(steps=0):
 
 def test_state_round_trip_restores_weights_optimizer_and_progress(tmp_path):
     trained = compiled_unet(steps=3)
-    progress = dict(checkpoints.new_progress(2, 10), epoch=1)
+    progress = checkpoints.Progress(2, 10, epoch=1)
     checkpoints.save_state(trained, tmp_path, progress)
-    checkpoints.save_state(trained, tmp_path, dict(progress, epoch=2))
+    checkpoints.save_state(trained, tmp_path, dataclasses.replace(progress, epoch=2))
     assert sorted(os.listdir(tmp_path)) == ["training_state.json",
                                             "training_state_epoch0002.keras"]
 
     state = checkpoints.load_state(tmp_path)
-    assert state["epoch"] == 2 and state["num_workers"] == 2
+    assert state.progress.epoch == 2 and state.progress.num_workers == 2
     fresh = compiled_unet(steps=0)
     assert checkpoints.weights_fingerprint(fresh) != checkpoints.weights_fingerprint(trained)
     checkpoints.restore_state(fresh, state)
@@ -61,7 +62,7 @@ def test_no_state_means_a_fresh_run_and_bad_records_name_the_file(tmp_path):
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     net = compiled_unet(steps=1)
-    checkpoints.save_state(net, tmp_path, dict(checkpoints.new_progress(1, 5), epoch=1))
+    checkpoints.save_state(net, tmp_path, checkpoints.Progress(1, 5, epoch=1))
     before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
 
     def crash(path):
@@ -70,14 +71,14 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         raise OSError("disk full")
     monkeypatch.setattr(net, "save", crash)
     with pytest.raises(OSError):
-        checkpoints.save_state(net, tmp_path, dict(checkpoints.new_progress(1, 5), epoch=2))
+        checkpoints.save_state(net, tmp_path, checkpoints.Progress(1, 5, epoch=2))
     for name, content in before.items():
         assert (tmp_path / name).read_bytes() == content
-    assert checkpoints.load_state(tmp_path)["epoch"] == 1
+    assert checkpoints.load_state(tmp_path).progress.epoch == 1
 
 
 def test_restoring_into_a_different_model_names_the_file(tmp_path):
-    checkpoints.save_state(compiled_unet(), tmp_path, checkpoints.new_progress(1, 5))
+    checkpoints.save_state(compiled_unet(), tmp_path, checkpoints.Progress(1, 5))
     other = unet.build_unet(image_size=16, channels=2, base_filters=4, depth=1)
     with pytest.raises(ValueError, match="training_state_epoch0000.keras: cannot restore"):
         checkpoints.restore_state(other, checkpoints.load_state(tmp_path))
@@ -86,23 +87,23 @@ def test_restoring_into_a_different_model_names_the_file(tmp_path):
 def test_restored_weights_that_differ_from_the_recorded_ones_are_refused(tmp_path):
     """Keras may skip parts of a weights file with only a warning; the recorded fingerprint
     catches a restore that left some layers freshly initialized."""
-    checkpoints.save_state(compiled_unet(steps=1), tmp_path, checkpoints.new_progress(1, 5))
-    state = dict(checkpoints.load_state(tmp_path), weights_fingerprint="0" * 16)
+    checkpoints.save_state(compiled_unet(steps=1), tmp_path, checkpoints.Progress(1, 5))
+    state = dataclasses.replace(checkpoints.load_state(tmp_path), weights_fingerprint="0" * 16)
     with pytest.raises(ValueError, match="training_state_epoch0000.keras: restored weights"):
         checkpoints.restore_state(compiled_unet(), state)
 
 
 def test_early_stopping_counts_epochs_without_a_better_dice():
-    progress = checkpoints.new_progress(1, 5)
-    improvements = [checkpoints.record_epoch(progress, epoch, dice, patience=2)
+    progress = checkpoints.Progress(1, 5)
+    improvements = [progress.record_epoch(epoch, dice, patience=2)
                     for epoch, dice in enumerate([0.5, 0.7, 0.6, 0.7])]
     assert improvements == [True, True, False, False]
-    assert progress["best_epoch"] == 2 and progress["best_val_dice"] == 0.7
-    assert progress["stopped_early"] and progress["epoch"] == 4
-    never = checkpoints.new_progress(1, 5)
+    assert progress.best_epoch == 2 and progress.best_val_dice == 0.7
+    assert progress.stopped_early and progress.epoch == 4 and progress.finished(epochs=10)
+    never = checkpoints.Progress(1, 5)
     for epoch in range(10):
-        checkpoints.record_epoch(never, epoch, 0.1, patience=0)
-    assert not never["stopped_early"]
+        never.record_epoch(epoch, 0.1, patience=0)
+    assert not never.stopped_early and not never.finished(epochs=11) and never.finished(10)
 
 
 def test_bfloat16_export_loads_for_inference_and_predicts_like_the_trained_model(tmp_path):

@@ -13,17 +13,14 @@ import numpy as np
 import pytest
 
 import converter
-import data
-import layouts
-import preprocessing
-import synthetic_brats
+from brainseg import dataset, layouts, preprocessing, synthetic
 from conftest import NUM_CASES, REPO_DIR, SMALL_CROP_SIZE, SMALL_IMAGE_SIZE, SMALL_SHAPE, convert
 
 SMALL_OPTIONS = preprocessing.Preprocessing(SMALL_IMAGE_SIZE, SMALL_CROP_SIZE)
 
 
 def manifest(out_dir):
-    return converter.load_manifest(out_dir)
+    return dataset.load_manifest(out_dir)
 
 
 def read_arrays(out_dir):
@@ -36,7 +33,7 @@ def read_arrays(out_dir):
 
 def test_arrays_have_expected_shapes_and_dtypes(converted_dir):
     for split in ("train", "test"):
-        imgs, msks = data.load_split(converted_dir, split)
+        imgs, msks = dataset.open_split(converted_dir, split)
         entries = manifest(converted_dir)["splits"][split]
         assert len(imgs) == sum(len(entry["slices"]) for entry in entries)
         assert imgs.shape[1:] == (SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE, 4)
@@ -65,7 +62,7 @@ def test_manifest_rows_hold_that_case(converted_dir, raw_dir):
     case = next(case for case in cases if case.case_id == entry["case"])
     expected_imgs, expected_msks, geometry = preprocessing.preprocess_case(
         *layouts.read_case(case), SMALL_OPTIONS)
-    imgs, msks = data.load_split(converted_dir, "test")
+    imgs, msks = dataset.open_split(converted_dir, "test")
     first, end = entry["rows"]
     np.testing.assert_array_equal(imgs[first:end], expected_imgs)
     np.testing.assert_array_equal(msks[first:end], expected_msks)
@@ -91,57 +88,11 @@ def test_split_is_deterministic_for_a_seed():
 
 # --- Preprocessing --------------------------------------------------------------------------
 
-def test_normalize_zscores_brain_voxels_and_keeps_background_zero():
-    rng = np.random.default_rng(0)
-    image = np.zeros((10, 10, 4, 2), np.float32)
-    image[2:8, 2:8] = rng.normal([300.0, 1200.0], [40.0, 90.0], size=(6, 6, 4, 2))
-    normalized = preprocessing.normalize(image)
-    brain = normalized[2:8, 2:8].reshape(-1, 2)
-    np.testing.assert_allclose(brain.mean(axis=0), 0, atol=1e-5)
-    np.testing.assert_allclose(brain.std(axis=0), 1, atol=1e-5)
-    assert not normalized[:2].any() and not normalized[8:].any()
-
-
-def test_slices_are_cropped_resampled_and_put_back():
-    volume = np.zeros((60, 60, 3, 1), np.float32)
-    volume[20:40, 20:40] = 1  # a centred square, half the 40-voxel crop
-    box = preprocessing.crop_box(volume[..., 0] > 0, "center", 40)
-    assert box == (10, 10, 40)
-    slices = preprocessing.to_slices(volume, box, image_size=20, order=0)
-    assert slices.shape == (3, 20, 20, 1)
-    assert slices[0, 5:15, 5:15].all() and slices[0].sum() == 100
-    np.testing.assert_array_equal(preprocessing.from_slices(slices, box, (60, 60), order=0),
-                                  volume)
-
-
-def test_resampling_matches_scipy_zoom():
-    import scipy.ndimage
-    volume = np.random.default_rng(0).random((24, 24, 2, 3)).astype(np.float32)
-    expected = scipy.ndimage.zoom(volume, (16 / 24, 16 / 24, 1, 1), order=1, grid_mode=True,
-                                  mode="nearest").transpose(2, 0, 1, 3)
-    np.testing.assert_allclose(preprocessing.to_slices(volume, (0, 0, 24), 16, order=1),
-                               expected, atol=1e-5)
-
-
-def test_brain_box_crops_to_the_brain():
-    brain = np.zeros((60, 60, 4), bool)
-    brain[10:30, 25:41, 1:3] = True  # 20 x 16 in-plane
-    assert preprocessing.crop_box(brain, "brain_box", 192) == (10, 23, 20)
-    assert list(preprocessing.selected_slices(brain, "brain")) == [1, 2]
-    assert list(preprocessing.selected_slices(brain, "all")) == [0, 1, 2, 3]
-
-
-def test_region_targets_are_nested():
-    labels = np.array([0, 1, 2, 4]).reshape(1, 1, 4)
-    regions = preprocessing.targets(labels, "regions")[0, 0]
-    # channels: whole tumor, tumor core, enhancing tumor
-    np.testing.assert_array_equal(regions, [[0, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
-
 
 def test_options_change_the_arrays(raw_dir, tmp_path):
     convert(raw_dir, tmp_path / "options", "--label-mode", "regions", "--slice-policy", "all",
             "--crop-mode", "brain_box", "--image-dtype", "float32")
-    imgs, msks = data.load_split(tmp_path / "options", "train")
+    imgs, msks = dataset.open_split(tmp_path / "options", "train")
     entries = manifest(tmp_path / "options")["splits"]["train"]
     assert imgs.dtype == np.float32 and msks.shape[-1] == 3
     assert len(imgs) == len(entries) * SMALL_SHAPE[2]  # every slice
@@ -160,7 +111,7 @@ def test_bad_option_is_a_clear_error(raw_dir, tmp_path):
 # --- Layouts -------------------------------------------------------------------------------
 
 def write_release(root, layout, num_cases=3, **kwargs):
-    synthetic_brats.write_dataset(str(root), num_cases, seed=11, shape=SMALL_SHAPE,
+    synthetic.write_dataset(str(root), num_cases, seed=11, shape=SMALL_SHAPE,
                                   layout=layout, **kwargs)
     return root
 
@@ -188,12 +139,12 @@ def test_every_layout_converts_to_the_same_arrays(layout, reference_release, tmp
 
 def test_uncompressed_nii_and_the_brats2020_case_355_label_name(reference_release, tmp_path):
     root = write_release(tmp_path / "raw", "brats2020")
-    folder = root / synthetic_brats.case_id(1)
+    folder = root / synthetic.case_id(1)
     for path in folder.iterdir():  # every file of case 1 as plain .nii
         plain = folder / path.name.replace(".nii.gz", ".nii")
         plain.write_bytes(gzip.decompress(path.read_bytes()))
         path.unlink()
-    os.rename(folder / f"{synthetic_brats.case_id(1)}_seg.nii", folder / "W39_1998.09.19_Segm.nii")
+    os.rename(folder / f"{synthetic.case_id(1)}_seg.nii", folder / "W39_1998.09.19_Segm.nii")
     convert(root, tmp_path / "out", "--label-mode", "regions")
     assert manifest(tmp_path / "out")["skipped"] == []
     assert read_arrays(tmp_path / "out") == reference_release
@@ -311,7 +262,7 @@ def test_a_bad_case_is_skipped_with_the_file_and_problem_named(raw_copy, tmp_pat
     converted = [entry["case"] for entries in splits.values() for entry in entries]
     assert sorted(converted) == cases[1:]
     for split, entries in splits.items():
-        imgs, msks = data.load_split(tmp_path / "out", split)  # no gap left by the bad case
+        imgs, msks = dataset.open_split(tmp_path / "out", split)  # no gap left by the bad case
         assert len(imgs) == len(msks) == entries[-1]["rows"][1]
     assert not [f for f in os.listdir(tmp_path / "out") if ".partial" in f]
 
@@ -365,7 +316,7 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete(tmp_path):
                "--workers", "1", "--image-size", "32", "--crop-size", "48"]
     process = subprocess.Popen(command, cwd=REPO_DIR, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    partial = out_dir / "imgs_train.partial.npy"
+    partial = out_dir / ".partial.imgs_train.npy"
     deadline = time.time() + 60
     while time.time() < deadline and not (partial.exists() and partial.stat().st_size > 40000):
         time.sleep(0.01)  # wait until some cases are written, then kill mid-way
@@ -381,9 +332,9 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete(tmp_path):
 
 
 def test_flags_override_settings_and_default_to_them():
-    import cli
+    from brainseg import cli
     import settings
     args = cli.parse("test", converter.SETTINGS, ["--split", "0.5", "--seed", "3"],
-                     flags=converter.FLAGS)
+                     aliases=converter.ALIASES)
     assert args.TRAIN_FRACTION == 0.5 and args.SPLIT_SEED == 3
     assert args.IMAGE_SIZE == settings.IMAGE_SIZE and args.RAW_DIR == settings.RAW_DIR

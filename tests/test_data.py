@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import data
+from brainseg import dataset
 
 
 @pytest.mark.parametrize("num_samples,num_ranks", [(103, 4), (10, 3), (64, 2), (5, 8)])
@@ -63,24 +64,6 @@ def test_evaluation_dataset_reads_the_shard_once_in_order():
     assert values == [1, 3, 5]
 
 
-def test_missing_or_mismatched_arrays_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="imgs_train.npy"):
-        data.load_split(tmp_path, "train")
-    np.save(tmp_path / "imgs_train.npy", np.zeros((4, 8, 8, 4), np.float32))
-    np.save(tmp_path / "msks_train.npy", np.zeros((3, 8, 8, 1), np.uint8))
-    with pytest.raises(ValueError, match="msks_train.npy"):
-        data.load_split(tmp_path, "train")
-    np.save(tmp_path / "msks_train.npy", np.zeros((4, 8, 8, 1), np.uint8))
-    with pytest.raises(ValueError, match="expected 16x16"):
-        data.load_split(tmp_path, "train", image_size=16)
-    with pytest.raises(ValueError, match="4 channels, expected 3"):
-        data.load_split(tmp_path, "train", channels=3)
-    (tmp_path / "imgs_test.npy").write_bytes(b"garbage")
-    np.save(tmp_path / "msks_test.npy", np.zeros((4, 8, 8, 1), np.uint8))
-    with pytest.raises(ValueError, match="imgs_test.npy"):
-        data.load_split(tmp_path, "test")
-
-
 def test_skipping_samples_continues_the_stream_of_an_uninterrupted_run():
     """A run resumed after k epochs must see the batches the uninterrupted run saw next."""
     imgs = np.random.default_rng(2).random((10, 8, 8, 4), dtype=np.float32)
@@ -136,7 +119,7 @@ def test_rows_of_a_memory_map_are_read_without_becoming_resident_memory(tmp_path
     images = np.random.default_rng(3).random((64, 32, 32, 4)).astype(np.float16)  # 512 KiB
     np.save(tmp_path / "imgs_train.npy", images)
     np.save(tmp_path / "msks_train.npy", (images[..., :1] > 0.5).astype(np.uint8))
-    imgs, msks = data.load_split(tmp_path, "train")
+    imgs, msks = dataset.open_split(tmp_path, "train")
     read = data.row_reader(imgs)
     for index in range(len(imgs)):
         np.testing.assert_array_equal(read(index), images[index].astype(np.float32))

@@ -3,122 +3,20 @@ implementation, NIfTI in and out on the scan's grid, release label conventions, 
 import csv
 import os
 
-import keras
 import nibabel as nib
 import numpy as np
 import pytest
-import scipy.spatial
 
 import inference
-import layouts
-import metrics
+from brainseg import metrics
 import model as unet
-import preprocessing
-import synthetic_brats
+from brainseg import synthetic
 from conftest import SMALL_IMAGE_SIZE, SMALL_SHAPE
 
 # --- Metrics ---------------------------------------------------------------------------------
 
 
-def points(shape, *voxels):
-    mask = np.zeros(shape, bool)
-    for voxel in voxels:
-        mask[voxel] = True
-    return mask
-
-
-def test_metrics_on_hand_computed_masks():
-    truth = points((4, 4, 1), (0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0))
-    prediction = points((4, 4, 1), (0, 0, 0), (0, 1, 0), (3, 3, 0))
-    assert metrics.dice(truth, prediction) == pytest.approx(2 * 2 / 7)
-    assert metrics.sensitivity(truth, prediction) == pytest.approx(2 / 4)
-    assert metrics.specificity(truth, prediction) == pytest.approx(11 / 12)
-
-
-def test_hausdorff95_of_single_voxels_is_their_distance_in_mm():
-    truth, prediction = points((10, 10, 3), (1, 1, 1)), points((10, 10, 3), (4, 5, 1))
-    assert metrics.hausdorff95(truth, prediction, (1, 1, 1)) == pytest.approx(5.0)
-    assert metrics.hausdorff95(truth, prediction, (2, 1, 3)) == pytest.approx(np.hypot(6, 4))
-
-
-def test_empty_masks_follow_the_brats_convention():
-    empty = np.zeros((240, 240, 155), bool)
-    tumor = points(empty.shape, (100, 100, 70))
-    assert metrics.region_metrics(empty, empty, (1, 1, 1))["dice"] == 1.0
-    assert metrics.region_metrics(empty, empty, (1, 1, 1))["hd95_mm"] == 0.0
-    for truth, prediction in ((empty, tumor), (tumor, empty)):
-        scores = metrics.region_metrics(truth, prediction, (1, 1, 1))
-        assert scores["dice"] == 0.0
-        assert scores["hd95_mm"] == pytest.approx(373.13, abs=0.01)  # the BraTS grid diagonal
-    assert metrics.sensitivity(empty, tumor) == 1.0
-
-
-def brute_force_hd95(truth, prediction, spacing):
-    """Independent: surface voxels by comparing with the 6 neighbours of a zero-padded copy,
-    every pairwise distance by scipy.spatial, then MedPy's pooled 95th percentile."""
-    def surface_points(mask):
-        padded = np.pad(mask, 1)
-        inner = np.ones_like(mask)
-        for axis in range(3):
-            for shift in (-1, 1):
-                inner &= np.roll(padded, shift, axis)[1:-1, 1:-1, 1:-1]
-        return np.argwhere(mask & ~inner) * np.asarray(spacing)
-    a, b = surface_points(truth), surface_points(prediction)
-    distances = scipy.spatial.distance.cdist(a, b)
-    return np.percentile(np.concatenate([distances.min(axis=1), distances.min(axis=0)]), 95)
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_hausdorff95_matches_an_independent_implementation(seed):
-    rng = np.random.default_rng(seed)
-    grid = np.indices((24, 20, 12)).transpose(1, 2, 3, 0)
-
-    def blob():
-        center, radii = rng.uniform(5, 12, 3) * [1, 1, 0.5], rng.uniform(2, 6, 3)
-        return (((grid - center) / radii) ** 2).sum(axis=-1) <= 1
-    truth, prediction = blob(), blob()
-    spacing = tuple(rng.uniform(0.5, 2.0, 3))
-    assert metrics.hausdorff95(truth, prediction, spacing) == pytest.approx(
-        brute_force_hd95(truth, prediction, spacing), rel=1e-6)
-
-
-def test_summary_has_mean_median_and_std():
-    rows = [{"whole_tumor_dice": d, "whole_tumor_hd95_mm": 1.0, "whole_tumor_sensitivity": 1.0,
-             "whole_tumor_specificity": 1.0} for d in (0.5, 0.7, 0.9)]
-    dice_summary = metrics.summarize(rows, ["whole_tumor"])[0]
-    assert (dice_summary["mean"], dice_summary["median"]) == pytest.approx((0.7, 0.7))
-    assert dice_summary["std"] == pytest.approx(np.std([0.5, 0.7, 0.9]))
-
-
 # --- Geometry and labels ----------------------------------------------------------------------
-
-@pytest.mark.parametrize("crop_mode", ["center", "brain_box"])
-def test_slices_put_back_on_the_original_grid_match_the_truth(crop_mode):
-    """The ground truth through the same preprocessing and back: what a perfect model's
-    segmentation would be. It must match the original mask up to resampling."""
-    case = synthetic_brats.make_case(5, shape=(96, 96, 40))
-    image = np.stack([case[m] for m in ("flair", "t1", "t1ce", "t2")], axis=-1).astype(np.float32)
-    options = preprocessing.Preprocessing(64, 96, crop_mode, "brain", "regions")
-    _, msks, geometry = preprocessing.preprocess_case(image, case["seg"], options)
-    restored = np.zeros((96, 96, 40, 3), np.float32)
-    restored[:, :, geometry["slices"]] = preprocessing.from_slices(
-        msks, geometry["crop_box"], (96, 96), order=1)
-    truth = preprocessing.targets(case["seg"], "regions")
-    dices = [metrics.dice(truth[..., k], restored[..., k] > 0.5) for k in range(3)]
-    assert truth.any(axis=(0, 1, 2)).all()
-    # A one-voxel shift of the whole tumor already drops its Dice to 0.87 on this case.
-    assert dices[0] > 0.95 and min(dices) > 0.85, dices
-
-
-@pytest.mark.parametrize("layout,expected", [("brats2020", {0, 1, 2, 4}),
-                                             ("brats2023", {0, 1, 2, 3}), ("msd", {0, 1, 2, 3})])
-def test_regions_become_the_release_labels(layout, expected):
-    internal = np.array([0, 1, 2, 4, 4, 2]).reshape(1, 2, 3)
-    masks = preprocessing.targets(internal, "regions").astype(bool)
-    labels = inference.release_labels(masks, "regions", layout)
-    assert set(np.unique(labels)) == expected
-    back = layouts.LAYOUTS[layout].label_map  # release -> internal: the round trip is exact
-    np.testing.assert_array_equal(np.vectorize(back.get)(labels), internal)
 
 
 # --- NIfTI in, NIfTI out --------------------------------------------------------------------
@@ -131,7 +29,7 @@ def checkpoint(trained_run):
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     root = tmp_path_factory.mktemp("release2023")
-    synthetic_brats.write_dataset(str(root), 2, seed=21, shape=SMALL_SHAPE, layout="brats2023")
+    synthetic.write_dataset(str(root), 2, seed=21, shape=SMALL_SHAPE, layout="brats2023")
     return root
 
 
@@ -177,7 +75,7 @@ def test_a_regions_model_writes_the_release_labels(converted_dir, release, tmp_p
 
 def test_validation_cases_are_segmented_but_not_scored(checkpoint, converted_dir, tmp_path):
     root = tmp_path / "validation"
-    synthetic_brats.write_dataset(str(root), 2, seed=4, shape=SMALL_SHAPE, with_labels=False)
+    synthetic.write_dataset(str(root), 2, seed=4, shape=SMALL_SHAPE, with_labels=False)
     inference.main(["--input", str(root), "--checkpoint", checkpoint, "--data-dir",
                     str(converted_dir), "--output-dir", str(tmp_path / "out")])
     written = sorted(os.listdir(tmp_path / "out"))
@@ -189,7 +87,7 @@ def test_validation_cases_are_segmented_but_not_scored(checkpoint, converted_dir
 def test_a_folder_run_carries_on_past_bad_cases_and_lists_them(checkpoint, converted_dir,
                                                                tmp_path, capsys):
     root = tmp_path / "raw"
-    synthetic_brats.write_dataset(str(root), 3, seed=8, shape=SMALL_SHAPE)
+    synthetic.write_dataset(str(root), 3, seed=8, shape=SMALL_SHAPE)
     missing = root / "BraTS20_Training_001" / "BraTS20_Training_001_t1.nii.gz"
     missing.unlink()
     wrong = root / "BraTS20_Training_002" / "BraTS20_Training_002_t2.nii.gz"
@@ -237,15 +135,3 @@ def test_a_file_that_is_not_a_model_is_refused_naming_it(converted_dir, tmp_path
     with pytest.raises(SystemExit, match=f"{tmp_path / 'model.keras'}: not a loadable Keras model"):
         inference.main(["--data-dir", str(converted_dir), "--checkpoint",
                         str(tmp_path / "model.keras"), "--output-dir", str(tmp_path / "out")])
-
-
-def test_bfloat16_predicts_like_float32():
-    keras.utils.set_random_seed(0)
-    net = unet.build_unet(32, 4, 1, base_filters=4, depth=2)
-    bf16 = inference.with_precision(net, "mixed_bfloat16")
-    assert bf16.layers[1].dtype_policy.name == "mixed_bfloat16"
-    assert bf16.layers[-1].dtype_policy.name == "float32"
-    slices = np.random.default_rng(0).normal(size=(4, 32, 32, 4)).astype(np.float32)
-    np.testing.assert_allclose(bf16.predict_on_batch(slices), net.predict_on_batch(slices),
-                               atol=0.05)
-    assert inference.with_precision(net, "float32") is net

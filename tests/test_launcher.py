@@ -5,6 +5,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -167,3 +168,24 @@ def processes_mentioning(text):
         if text in command_line:
             found.append(command_line)
     return found
+
+
+def test_launch_settings_come_from_settings_and_the_training_flags():
+    """The launcher's one Python entry point: settings.py's launch defaults, and DATA_DIR as
+    train_horovod.py would parse it from the training flags, as shell assignments."""
+    import settings
+
+    def assignments(*train_flags):
+        result = subprocess.run(
+            ["bash", "-c", 'eval "$(python -m brainseg.launch_settings -- "$@")"; '
+             'printf "%s\\n" "$setting_data_dir" "$setting_launch_agent" "$setting_hosts_file"',
+             "bash", *train_flags],
+            cwd=REPO_DIR, capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"))
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    assert assignments("--epochs", "3") == [settings.DATA_DIR, settings.LAUNCH_AGENT,
+                                            settings.HOSTS_FILE]
+    assert assignments("--data-dir", "/data/it's here", "--epochs", "3")[0] == "/data/it's here"
+    assert assignments("--epochs", "3", "--data-dir=/data/b")[0] == "/data/b"

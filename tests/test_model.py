@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import model as unet
+from brainseg import metrics
 
 
 @pytest.mark.parametrize("transposed,batch_norm,dropout", [(True, False, 0.0),
@@ -45,7 +46,7 @@ def test_dice_on_known_overlaps():
     assert float(unet.dice_coefficient(truth, half)) == pytest.approx((4 + smooth) / (8 + smooth))
     assert float(unet.dice_coefficient(truth, masks((3, 3)))) == pytest.approx(smooth / (5 + smooth))
     assert float(unet.dice_coefficient(masks(), masks())) == 1.0  # both empty: perfect
-    assert unet.dice_from_sums(2, 8) == pytest.approx((4 + smooth) / (8 + smooth))
+    assert metrics.dice_from_sums(2, 8, smooth) == pytest.approx((4 + smooth) / (8 + smooth))
 
 
 def test_dice_thresholds_probabilities():
@@ -69,28 +70,3 @@ def test_bce_dice_loss_adds_cross_entropy():
     expected = bce + float(unet.soft_dice_loss(truth, prediction))
     assert float(unet.bce_dice_loss(truth, prediction)) == pytest.approx(expected, rel=1e-4)
     assert float(unet.bce_dice_loss(truth, truth)) < 1e-3
-
-
-@pytest.mark.parametrize("flags,expected", [
-    ("fpu sse avx512f avx512_bf16 amx_bf16 amx_tile", "mixed_bfloat16"),
-    ("fpu sse avx512f avx512_bf16", "float32"),  # slower than float32 without AMX
-    ("fpu sse avx512f", "float32")])
-def test_auto_precision_follows_the_cpu_flags(tmp_path, flags, expected):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n"
-                       f"processor\t: 1\nflags\t\t: {flags}\n")
-    assert unet.resolve_precision("auto", str(cpuinfo)) == expected
-    assert unet.cpu_supports_bfloat16(str(cpuinfo)) == ("bf16" in flags)
-    assert unet.resolve_precision("float32", str(cpuinfo)) == "float32"
-    assert unet.resolve_precision("auto", str(tmp_path / "absent")) == "float32"
-    with pytest.raises(ValueError, match="bfloat16"):
-        unet.resolve_precision("float16")
-
-
-def test_forward_flops_count_every_convolution():
-    net = unet.build_unet(image_size=8, channels=2, num_classes=1, base_filters=4, depth=1)
-    # down0: 8x8 grid, 3x3 kernels 2->4 and 4->4; bottleneck: 4x4, 4->8 and 8->8;
-    # transposed 2x2 8->4 applied per 4x4 input pixel; up0: 8x8, (4+4)->4 and 4->4; 1x1 4->1.
-    multiply_adds = (64 * 9 * (2 * 4 + 4 * 4) + 16 * 9 * (4 * 8 + 8 * 8) + 16 * 4 * 8 * 4
-                     + 64 * 9 * (8 * 4 + 4 * 4) + 64 * 4)
-    assert unet.forward_flops_per_slice(net) == 2 * multiply_adds

@@ -18,8 +18,7 @@ import keras
 import numpy as np
 import pytest
 
-import checkpoints
-import netns
+from brainseg import checkpoints, netns
 from conftest import REPO_DIR, weights_fingerprints
 
 pytestmark = pytest.mark.multihost
@@ -106,8 +105,8 @@ def wait_for_epochs(output_dir, epochs, process, log_path, timeout=LAUNCH_TIMEOU
 def assert_checkpoint_intact(output_dir):
     """The committed training state loads, and names a state file Keras can open."""
     state = checkpoints.load_state(str(output_dir))
-    assert state and state["epoch"] >= 1
-    keras.models.load_model(state["state_path"], compile=False)
+    assert state and state.progress.epoch >= 1
+    keras.models.load_model(state.path, compile=False)
     keras.models.load_model(os.path.join(output_dir, checkpoints.EXPORT_NAME), compile=False)
     return state
 
@@ -179,7 +178,7 @@ def assert_rerun_resumes_and_finishes(cluster, tmp_path, flags, output_dir, stat
     process, log_path = launch(cluster, tmp_path, 2, flags, log_name="rerun.log")
     returncode, output = finish(process, log_path)
     assert returncode == 0, output
-    assert f"Resuming from {state['state_path']} after epoch {state['epoch']}" in output, output
+    assert f"Resuming from {state.path} after epoch {state.progress.epoch}" in output, output
     prints = weights_fingerprints(output)
     assert sorted(prints) == ["0", "1"] and len(set(prints.values())) == 1, output
     assert checkpoint_epoch(output_dir) == FAULT_RUN_EPOCHS
@@ -201,11 +200,11 @@ def test_killed_rank_stops_the_job_and_a_rerun_resumes(make_cluster, converted_d
     print(f"job exited {took:.1f} s after rank 1 was killed")  # shown with pytest -s
     assert returncode != 0
     assert took < KILLED_RANK_BOUND, f"took {took:.0f} s"
-    assert f"rank 1 with PID" in output and f"on node {cluster.hosts[1]}" in output, output
+    assert "rank 1 with PID" in output and f"on node {cluster.hosts[1]}" in output, output
     assert "Rerun the same command to resume" in output
     assert_nothing_left_running(cluster)
     state = assert_checkpoint_intact(output_dir)
-    assert state["epoch"] < FAULT_RUN_EPOCHS
+    assert state.progress.epoch < FAULT_RUN_EPOCHS
     assert_rerun_resumes_and_finishes(cluster, tmp_path, flags, output_dir, state)
 
 

@@ -12,9 +12,8 @@ import threading
 import time
 
 import keras
-import pytest
 
-import checkpoints
+from brainseg import checkpoints
 from conftest import REPO_DIR, weights_fingerprints
 
 LAUNCHER = os.path.join(REPO_DIR, "run_multinode.sh")

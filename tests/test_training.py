@@ -1,9 +1,7 @@
 """train_horovod.py pieces that run without mpirun: the learning-rate schedule and threads."""
-import os
 
 import pytest
 
-import threads
 import train_horovod
 
 
@@ -25,12 +23,3 @@ def test_no_warmup_starts_at_the_scaled_rate():
     schedule = train_horovod.learning_rate_schedule(1e-3, 2, 10, 3, 0, 0.0)
     assert float(schedule(0)) == pytest.approx(2e-3)
     assert float(schedule(30)) == pytest.approx(0.0, abs=1e-9)
-
-
-def test_threads_zero_means_the_cores_this_process_owns():
-    cores = len(os.sched_getaffinity(0))
-    assert threads.resolve(0, 0, ranks_on_node=1)[0] == cores
-    assert threads.resolve(3, 2, ranks_on_node=1) == (3, 2)
-    if cores == os.cpu_count() and cores >= 2:  # unbound: the node's cores are shared
-        assert threads.resolve(0, 0, ranks_on_node=2)[0] == cores // 2
-    assert threads.resolve(0, 0, ranks_on_node=10 * os.cpu_count())[0] == 1

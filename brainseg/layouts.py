@@ -9,9 +9,11 @@ Every release holds the same four MRI contrasts and a label map, under different
                4-D file (FLAIR, T1w, T1gd, T2w), labelsTr/ with 1 edema, 2 non-enhancing
                tumor, 3 enhancing tumor, and dataset.json
 
-Whatever the release, a case is read as volumes in settings.MODALITIES order (flair, t1,
-t1ce, t2) and labels in the BraTS 2017-2020 convention used everywhere else in this project:
-1 necrotic and non-enhancing core, 2 edema, 4 enhancing tumor. Each file may be .nii.gz or .nii.
+Whatever the release, a case is read as volumes in MODALITIES order (flair, t1, t1ce, t2) and
+labels in the BraTS 2017-2020 convention used everywhere else in this project: 1 necrotic and
+non-enhancing core, 2 edema, 4 enhancing tumor (to_internal_labels); segmentations are
+written back in the release's own convention (to_release_labels), on the grid of the case's
+reference image (write_like_reference). Each file may be .nii.gz or .nii.
 """
 import dataclasses
 import glob
@@ -20,8 +22,7 @@ import os
 import nibabel as nib
 import numpy as np
 
-from settings import MODALITIES
-
+MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of every image array
 MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")  # FLAIR, T1w, T1gd, T2w in the 4-D files
 INTERNAL_LABELS = {0: "background", 1: "necrotic and non-enhancing core", 2: "edema",
                    4: "enhancing tumor"}
@@ -206,10 +207,24 @@ def read_labels(case, shape):
     if unknown:
         raise CaseError(f"{case.label}: label values {unknown} outside the {case.layout} set "
                         f"{sorted(label_map)}")
+    return to_internal_labels(labels, case.layout)
+
+
+def to_internal_labels(labels, layout):
+    """A label map in the release's convention -> the internal one (values must be known)."""
+    label_map = LAYOUTS[layout].label_map
     lookup = np.zeros(max(label_map) + 1, np.uint8)
     for release_label, internal_label in label_map.items():
         lookup[release_label] = internal_label
-    return lookup[labels.astype(np.int64)]
+    return lookup[np.asarray(labels).astype(np.int64)]
+
+
+def to_release_labels(labels, layout):
+    """The inverse of to_internal_labels: internal labels -> the release's convention."""
+    lookup = np.zeros(max(INTERNAL_LABELS) + 1, np.uint8)
+    for release_label, internal_label in LAYOUTS[layout].label_map.items():
+        lookup[internal_label] = release_label
+    return lookup[labels]
 
 
 def read_case(case):
@@ -222,5 +237,17 @@ def read_case(case):
 
 
 def reference_image(case):
-    """The NIfTI whose grid (shape, affine, header) a segmentation of this case must match."""
+    """The NIfTI whose grid (shape, affine, header) a segmentation of this case must match
+    (loaded lazily: the header alone is read until the voxels are asked for)."""
     return nib.load(case.images[MODALITIES[0]])
+
+
+def like_reference(volume, reference):
+    """A NIfTI of `volume` on the reference scan's grid: same affine and header fields."""
+    header = reference.header.copy()
+    header.set_data_shape(volume.shape)
+    header.set_data_dtype(volume.dtype)
+    image = nib.Nifti1Image(volume, reference.affine, header)
+    image.set_qform(*reference.get_qform(coded=True))
+    image.set_sform(*reference.get_sform(coded=True))
+    return image

@@ -18,12 +18,20 @@ import scipy.ndimage
 METRIC_NAMES = ("dice", "hd95_mm", "sensitivity", "specificity")
 
 
+def dice_from_sums(intersection, total, smooth=0.0):
+    """Dice = 2|A and B| / (|A| + |B|) from its sums: the one formula behind every Dice in
+    the project, on numbers, arrays or tensors alike. Case scores use smooth 0 (with the
+    convention above for empty masks, see dice()); training adds model.SMOOTH so that its
+    loss and per-epoch figures stay defined on batches without tumor."""
+    return (2.0 * intersection + smooth) / (total + smooth)
+
+
 def dice(truth, prediction):
     truth, prediction = truth.astype(bool), prediction.astype(bool)
     total = np.count_nonzero(truth) + np.count_nonzero(prediction)
     if total == 0:
         return 1.0
-    return 2.0 * np.count_nonzero(truth & prediction) / total
+    return dice_from_sums(np.count_nonzero(truth & prediction), total)
 
 
 def surface(mask):
@@ -71,6 +79,22 @@ def region_metrics(truth, prediction, spacing):
             "specificity": specificity(truth, prediction)}
 
 
+def score_case(case_id, num_slices, truth, prediction, regions, spacing):
+    """A per-case metrics row: every metric of every region (channel k of the [..., K]
+    masks), on a grid of the given voxel spacing in mm."""
+    row = {"case": case_id, "slices": num_slices}
+    for k, region in enumerate(regions):
+        scores = region_metrics(truth[..., k], prediction[..., k], spacing)
+        row.update({f"{region}_{name}": value for name, value in scores.items()})
+    return row
+
+
+def whole_tumor_scores(row):
+    """The one-line summary of a case that inference prints."""
+    return (f"whole-tumor Dice {row['whole_tumor_dice']:.4f}  "
+            f"HD95 {row['whole_tumor_hd95_mm']:.1f} mm")
+
+
 def summarize(rows, regions):
     """[{region, metric, mean, median, std}] over the per-case rows of each region."""
     summary = []
@@ -81,3 +105,11 @@ def summarize(rows, regions):
                             "median": float(np.median(values)), "std": values.std(),
                             "cases": len(values)})
     return summary
+
+
+def format_summary(summary):
+    """The summarize() table as text, one region and metric per line."""
+    lines = [f"{'region':<16} {'metric':<12} {'mean':>8} {'median':>8} {'std':>8}"]
+    lines += [f"{s['region']:<16} {s['metric']:<12} {s['mean']:8.4f} {s['median']:8.4f} "
+              f"{s['std']:8.4f}" for s in summary]
+    return "\n".join(lines)

@@ -21,10 +21,10 @@ def _bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_settings(parser, names, help_texts=None, flags=None):
-    """Adds one flag per setting name, defaulting to the value in settings.py. `flags` maps
-    a setting to a flag name of its own where the command-line contract differs."""
-    help_texts, flags = help_texts or {}, flags or {}
+def add_settings(parser, names, help_texts=None, aliases=None):
+    """Adds one flag per setting name, named after it and defaulting to the value in
+    settings.py. `aliases` maps a setting to earlier spellings of its flag that still work."""
+    help_texts, aliases = help_texts or {}, aliases or {}
     for name in names:
         default = getattr(settings, name)
         kwargs = {"default": default, "dest": name,
@@ -35,19 +35,20 @@ def add_settings(parser, names, help_texts=None, flags=None):
             kwargs.update(nargs=len(default), type=type(default[0]))
         elif default is not None:
             kwargs["type"] = type(default)
-        parser.add_argument(flags.get(name, flag_name(name)), **kwargs)
+        parser.add_argument(flag_name(name), *aliases.get(name, ()), **kwargs)
     return parser
 
 
-def parser_for(description, names, help_texts=None, flags=None):
+def parser_for(description, names, help_texts=None, aliases=None):
     """An ArgumentParser whose parsed attributes are the settings names; scripts may add
-    flags of their own that have no setting."""
-    parser = argparse.ArgumentParser(description=description)
-    return add_settings(parser, names, help_texts, flags)
+    flags of their own that have no setting. No abbreviated flags: `--out` must not silently
+    mean `--output-dir` in one script and fail in another."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    return add_settings(parser, names, help_texts, aliases)
 
 
-def parse(description, names, argv=None, help_texts=None, flags=None):
-    return parser_for(description, names, help_texts, flags).parse_args(argv)
+def parse(description, names, argv=None, help_texts=None, aliases=None):
+    return parser_for(description, names, help_texts, aliases).parse_args(argv)
 
 
 def format_config(args):

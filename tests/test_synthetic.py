@@ -4,17 +4,15 @@ Small grids keep the file fast; the anatomy is defined in mm, so a small grid ho
 head as the full BraTS grid, only coarser. One test generates a full-size case.
 """
 import os
-import sys
 import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import synthetic_brats  # noqa: E402
-from synthetic_brats import (  # noqa: E402
-    CASE_PREFIX, case_id, make_case, write_case, write_dataset)
+import synthetic_brats
+from brainseg import synthetic
+from brainseg.synthetic import CASE_PREFIX, case_id, make_case, write_case, write_dataset
 
 SMALL_SHAPE = (48, 48, 24)
 MEDIUM_SHAPE = (64, 64, 40)
@@ -83,13 +81,13 @@ def test_write_case_overwrites_and_round_trips(tmp_path):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_labels_tumor_inside_brain_and_zero_background(seed):
-    case, tissue = synthetic_brats._generate(seed, MEDIUM_SHAPE)
+    case, tissue = synthetic._generate(seed, MEDIUM_SHAPE)
     seg = case["seg"]
     assert seg.dtype == np.uint8
     assert set(np.unique(seg)) <= {0, 1, 2, 4}
     tumor = seg > 0
     assert tumor.sum() >= 20  # a whole tumor of reasonable size in every case
-    assert np.isin(tissue[tumor], synthetic_brats.BRAIN_TISSUES).all()
+    assert np.isin(tissue[tumor], synthetic.BRAIN_TISSUES).all()
     for name in MODALITIES:
         volume = case[name]
         assert volume.dtype == np.int16 and volume.min() >= 0
@@ -134,16 +132,16 @@ def test_full_size_case_fits_the_brats_grid(tmp_path):
     assert folder == os.path.join(tmp_path, case_id(1))
     t1 = _load(tmp_path, 1, "t1")
     assert t1.shape == FULL_SHAPE
-    _, tissue = synthetic_brats._generate(seed, FULL_SHAPE)
+    _, tissue = synthetic._generate(seed, FULL_SHAPE)
     for region, max_extent, (first_slice, last_slice) in [
-        (np.isin(tissue, synthetic_brats.BRAIN_TISSUES), (150, 180), (18, 142)),
+        (np.isin(tissue, synthetic.BRAIN_TISSUES), (150, 180), (18, 142)),
         (t1 > 0, (175, 210), (8, 150)),  # the head: brain, skull and scalp
     ]:
         x, y, z = (np.flatnonzero(region.any(axis=axes)) for axes in [(1, 2), (0, 2), (0, 1)])
         extent = (x[-1] - x[0] + 1, y[-1] - y[0] + 1)
         assert 100 < extent[0] <= max_extent[0] and 120 < extent[1] <= max_extent[1], extent
         assert first_slice <= z[0] and z[-1] <= last_slice, (z[0], z[-1])
-    assert not np.isin(tissue, synthetic_brats.BRAIN_TISSUES)[t1 == 0].any()
+    assert not np.isin(tissue, synthetic.BRAIN_TISSUES)[t1 == 0].any()
 
 
 def test_tumors_vary_in_position_and_size():

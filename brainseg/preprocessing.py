@@ -9,6 +9,9 @@ a model always sees data prepared exactly as it was trained on. The steps, and w
    brain's bounding box (more pixels on the brain, but the scale then differs per case).
 4. resample the square to IMAGE_SIZE x IMAGE_SIZE (linear for images, nearest for labels).
 5. labels become target channels: whole tumor, or the three BraTS regions.
+
+Each step has its inverse here too (from_slices, to_volume, labels_from_targets), which
+inference uses to write a segmentation on the scan's own grid.
 """
 import dataclasses
 
@@ -107,10 +110,42 @@ def from_slices(slices, box, shape, order):
     return volume
 
 
+def to_volume(slice_values, geometry, shape):
+    """The inverse of preprocess_case for model outputs: [N, S, S, K] values of the kept
+    slices -> [X, Y, Z, K] on the case's grid of `shape` (X, Y, Z), linearly interpolated,
+    zeros outside the crop box and on the slices that were not kept."""
+    volume = np.zeros((*shape, slice_values.shape[-1]), np.float32)
+    volume[:, :, geometry["slices"]] = from_slices(slice_values, geometry["crop_box"],
+                                                   shape[:2], order=1)
+    return volume
+
+
+def slice_spacing(spacing, crop_side, image_size):
+    """(slice thickness, pixel, pixel) in mm of a case's resampled slices, from the scan's
+    voxel spacing (x, y, z) and the crop side that became image_size pixels."""
+    x_mm, y_mm, z_mm = spacing
+    scale = crop_side / image_size
+    return (z_mm, x_mm * scale, y_mm * scale)
+
+
 def targets(labels, label_mode):
     """[X, Y, Z] internal labels -> [X, Y, Z, K] uint8 target channels."""
     return np.stack([np.isin(labels, members) for members in LABEL_MODES[label_mode].values()],
                     axis=-1).astype(np.uint8)
+
+
+def labels_from_targets(masks, label_mode):
+    """The inverse of targets: [X, Y, Z, K] boolean channels -> [X, Y, Z] internal labels.
+    Regions are nested (enhancing within core within whole tumor), so each voxel takes the
+    label of the innermost region predicted there. A whole-tumor mask becomes label 1."""
+    if label_mode == "whole_tumor":
+        return masks[..., 0].astype(np.uint8)
+    whole_tumor, core, enhancing = (masks[..., k] for k in range(3))
+    labels = np.zeros(masks.shape[:-1], np.uint8)
+    labels[whole_tumor | core | enhancing] = 2
+    labels[core | enhancing] = 1
+    labels[enhancing] = 4
+    return labels
 
 
 def preprocess_case(image, labels, options):

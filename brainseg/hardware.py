@@ -1,0 +1,116 @@
+"""What this CPU can do and how to use it: threads per process, bfloat16, model precision.
+
+Threads. More intra-op threads than cores makes ranks on the same node fight over the cores; the
+seed project hand-tuned 57 threads on 68-core nodes. Here 0 means "work it out": the cores
+in this process's CPU affinity (what mpirun binding gave it), or, when it is not bound, the
+node's cores shared evenly between the ranks on the node.
+
+Precision. Only AMX makes bfloat16 training faster than float32. Measured on this project's
+2-core VM, whose CPU has AVX512_BF16 but no AMX (bench/training.py, reference U-Net, batch 16,
+2 threads): mixed_bfloat16 trains at 0.67x float32, because oneDNN's avx512_core_bf16
+convolutions themselves take 1.62x the time of its float32 avx512_core ones (casts and
+layout reorders: 6 ms of a 290 ms step in both). AMX tiles (Sapphire Rapids and later)
+roughly double the float32 rate. So PRECISION = "auto" reads the CPU flags at run time.
+"""
+import os
+
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+FAST_BF16_CPU_FLAGS = ("amx_bf16",)
+
+
+def cores_for_this_process(ranks_on_node=1):
+    available = len(os.sched_getaffinity(0))
+    if available == os.cpu_count() and ranks_on_node > 1:
+        available //= ranks_on_node  # unbound: share the node
+    return max(1, available)
+
+
+def resolve(intra_threads, inter_threads, ranks_on_node=1):
+    """(intra, inter) thread counts, replacing 0 by the automatic choice: one intra-op thread
+    per owned core, and 1 inter-op thread (a U-Net is a chain of big ops; running two at
+    once only splits the same cores), 2 when there are 8 cores or more."""
+    cores = cores_for_this_process(ranks_on_node)
+    intra = intra_threads or cores
+    inter = inter_threads or (2 if cores >= 8 else 1)
+    return intra, inter
+
+
+def configure(intra_threads, inter_threads, ranks_on_node=1):
+    """Applies the thread counts to TensorFlow. Must run before TensorFlow executes its first
+    operation (it raises RuntimeError otherwise, rather than silently ignoring them)."""
+    import tensorflow as tf
+
+    intra, inter = resolve(intra_threads, inter_threads, ranks_on_node)
+    # OpenMP builds of TensorFlow (Intel's) size their pool from OMP_NUM_THREADS when the
+    # first op runs, i.e. after this; stock TensorFlow ignores it. The launcher's value wins.
+    os.environ.setdefault("OMP_NUM_THREADS", str(intra))
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+    return intra, inter
+
+
+def cpu_flags(cpuinfo_path="/proc/cpuinfo"):
+    """The CPU feature flags Linux lists in /proc/cpuinfo; empty elsewhere."""
+    try:
+        with open(cpuinfo_path) as file:
+            return {word for line in file if line.startswith("flags") for word in line.split()}
+    except OSError:  # not Linux: no way to tell
+        return set()
+
+
+def cpu_supports_bfloat16(cpuinfo_path="/proc/cpuinfo"):
+    """True when the CPU does bfloat16 arithmetic in hardware (AVX512_BF16 or AMX-BF16),
+    whether or not that is faster than float32 (see cpu_has_fast_bfloat16)."""
+    return bool(cpu_flags(cpuinfo_path) & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_fast_bfloat16(cpuinfo_path="/proc/cpuinfo"):
+    """True when /proc/cpuinfo lists AMX-BF16: bfloat16 matrix tiles, where mixed precision
+    pays. With AVX512_BF16 alone it is slower than float32 (see FAST_BF16_CPU_FLAGS), and
+    without either TensorFlow emulates bfloat16."""
+    return bool(cpu_flags(cpuinfo_path) & set(FAST_BF16_CPU_FLAGS))
+
+
+def resolve_precision(precision, cpuinfo_path="/proc/cpuinfo"):
+    """The Keras dtype policy name for a PRECISION setting: 'auto' becomes mixed_bfloat16
+    when the CPU has AMX-BF16, float32 otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "mixed_bfloat16" if cpu_has_fast_bfloat16(cpuinfo_path) else "float32"
+    return precision
+
+
+def set_precision(precision):
+    """Sets the global Keras dtype policy; call it before building the model. Under
+    mixed_bfloat16 layers compute in bfloat16 but keep float32 weights (the optimizer updates
+    those), the output layer is float32 (see model.build_unet) and the losses cast to float32. No
+    loss scaling: bfloat16 has float32's exponent range, so gradients do not underflow."""
+    import keras
+
+    policy = resolve_precision(precision)
+    keras.mixed_precision.set_dtype_policy(policy)
+    return policy
+
+
+def in_precision(model, precision):
+    """The model computing in the given precision ("auto" resolved for this CPU), sharing
+    nothing with the original but the weights' values: a clone whose layers take the policy,
+    the output layer kept in float32 (sigmoid and losses need the range). The model itself
+    when it already computes in that precision. precision None keeps each layer's own policy
+    (a plain copy, e.g. a training model without its optimizer)."""
+    import keras
+
+    policy = resolve_precision(precision) if precision else None
+    if policy is not None and policy == model.layers[1].dtype_policy.name:
+        return model
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        if policy and layer.name != model.layers[-1].name and \
+                not isinstance(layer, keras.layers.InputLayer):
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+    clone = keras.models.clone_model(model, clone_function=clone_layer if policy else None)
+    clone.set_weights(model.get_weights())
+    return clone

@@ -1,0 +1,51 @@
+"""brainseg/hardware.py: thread counts from the cores a process owns, the precision policy
+from the CPU flags, and a model cloned into another precision."""
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import model as unet
+from brainseg import hardware
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ("fpu sse avx512f avx512_bf16 amx_bf16 amx_tile", "mixed_bfloat16"),
+    ("fpu sse avx512f avx512_bf16", "float32"),  # slower than float32 without AMX
+    ("fpu sse avx512f", "float32")])
+def test_auto_precision_follows_the_cpu_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n"
+                       f"processor\t: 1\nflags\t\t: {flags}\n")
+    assert hardware.resolve_precision("auto", str(cpuinfo)) == expected
+    assert hardware.cpu_supports_bfloat16(str(cpuinfo)) == ("bf16" in flags)
+    assert hardware.resolve_precision("float32", str(cpuinfo)) == "float32"
+    assert hardware.resolve_precision("auto", str(tmp_path / "absent")) == "float32"
+    with pytest.raises(ValueError, match="bfloat16"):
+        hardware.resolve_precision("float16")
+
+
+def test_threads_zero_means_the_cores_this_process_owns(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    assert hardware.resolve(0, 0, ranks_on_node=1)[0] == cores
+    assert hardware.resolve(3, 2, ranks_on_node=1) == (3, 2)
+    # On a 16-core node: unbound ranks share the node's cores; a bound rank uses its own.
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert hardware.resolve(0, 0, ranks_on_node=2) == (8, 2)
+    assert hardware.resolve(0, 0, ranks_on_node=32) == (1, 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6})
+    assert hardware.resolve(0, 0, ranks_on_node=4) == (3, 1)
+
+
+def test_bfloat16_predicts_like_float32():
+    keras.utils.set_random_seed(0)
+    net = unet.build_unet(32, 4, 1, base_filters=4, depth=2)
+    bf16 = hardware.in_precision(net, "mixed_bfloat16")
+    assert bf16.layers[1].dtype_policy.name == "mixed_bfloat16"
+    assert bf16.layers[-1].dtype_policy.name == "float32"
+    slices = np.random.default_rng(0).normal(size=(4, 32, 32, 4)).astype(np.float32)
+    np.testing.assert_allclose(bf16.predict_on_batch(slices), net.predict_on_batch(slices),
+                               atol=0.05)
+    assert hardware.in_precision(net, "float32") is net
