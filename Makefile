@@ -12,11 +12,11 @@ setup:
 	./scripts/setup.sh
 
 demo: setup
-	$(PYTHON) synthetic_brats.py --out-dir $(DEMO_RAW)
-	$(PYTHON) converter.py --raw-dir $(DEMO_RAW) --out-dir $(DEMO_DATA)
-	./run_multinode.sh -- --data-dir $(DEMO_DATA) --output-dir runs/train
-	$(PYTHON) inference.py --data-dir $(DEMO_DATA) --checkpoint runs/train/model.keras \
-		--output-dir runs/inference --overwrite
+	$(PYTHON) synthetic_brats.py --raw-dir $(DEMO_RAW)
+	$(PYTHON) converter.py --raw-dir $(DEMO_RAW) --data-dir $(DEMO_DATA)
+	./run_multinode.sh -- --data-dir $(DEMO_DATA) --train-dir runs/train
+	$(PYTHON) inference.py --data-dir $(DEMO_DATA) --train-dir runs/train \
+		--inference-dir runs/inference --overwrite
 
 test: setup
 	$(PYTHON) -m pytest -q tests
