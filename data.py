@@ -68,21 +68,31 @@ def _reader(imgs, msks):
     return read_in_graph
 
 
-def augment(image, mask, seed):
+def augment(image, mask, seed, intensity=0.0):
     """A random left-right flip followed by a random number of 90-degree rotations: together
     they reach all 8 symmetries of the square. Image and mask are transformed together
-    (concatenated), so the labels stay on their pixels."""
-    flip_seed, rotation_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    (concatenated), so the labels stay on their pixels. With intensity > 0, each modality's
+    brain voxels are then scaled by 1 + u and shifted by v, u and v uniform in
+    [-intensity, intensity]; the background stays 0."""
+    flip_seed, rotation_seed, intensity_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 3))
     both = tf.concat([image, mask], axis=-1)
     both = tf.image.stateless_random_flip_left_right(both, flip_seed)
     quarter_turns = tf.random.stateless_uniform([], rotation_seed, minval=0, maxval=4,
                                                 dtype=tf.int32)
     both = tf.image.rot90(both, quarter_turns)
     channels = image.shape[-1]
-    return both[..., :channels], both[..., channels:]
+    image, mask = both[..., :channels], both[..., channels:]
+    if intensity:
+        scale_shift = tf.random.stateless_uniform([2, channels], intensity_seed,
+                                                  minval=-intensity, maxval=intensity)
+        brain = tf.cast(tf.reduce_any(image != 0, axis=-1, keepdims=True), image.dtype)
+        image = image * (1 + scale_shift[0]) + scale_shift[1] * brain
+    return image, mask
 
 
-def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0):
+def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0,
+                     intensity_augmentation=0.0):
     """Endless shuffled, augmented batches of the given shard; the caller takes
     steps_per_epoch() batches per epoch. The same seed gives the same batches.
 
@@ -97,7 +107,9 @@ def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0):
     read = _reader(imgs, msks)
     dataset = samples.map(lambda index, aug_seed: (*read(index), aug_seed),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.map(lambda image, mask, aug_seed: augment(image, mask, aug_seed,
+                                                               intensity_augmentation),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 

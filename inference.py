@@ -24,22 +24,29 @@ import keras
 import nibabel as nib
 import numpy as np
 
-from brainseg import checkpoints, cli, dataset, figures, hardware, layouts, metrics, preprocessing
+from brainseg import (checkpoints, cli, dataset, figures, hardware, layouts, metrics,
+                      postprocessing, preprocessing)
 from brainseg.atomic import OutputFolder
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "CHECKPOINT", "INFERENCE_DIR", "INFERENCE_BATCH_SIZE",
-            "INFERENCE_PRECISION", "NUM_FIGURES", "NUM_INTRA_THREADS", "NUM_INTER_THREADS",
-            "CROP_SIZE", "CROP_MODE", "SLICE_POLICY"]
+            "INFERENCE_PRECISION", "TEST_TIME_FLIPS", "MIN_LESION_MM3", "MIN_ENHANCING_MM3",
+            "NUM_FIGURES", "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "CROP_SIZE", "CROP_MODE",
+            "SLICE_POLICY"]
 # Earlier spellings of the flags, still accepted (the README used them).
 ALIASES = {"INFERENCE_DIR": ["--output-dir"], "INFERENCE_BATCH_SIZE": ["--batch-size"],
            "INFERENCE_PRECISION": ["--precision"]}
-HELP = {"DATA_DIR": "converted arrays; with --input, only its manifest's preprocessing is used",
+HELP = {"DATA_DIR": "converted arrays (with --input: only used for a checkpoint that does not "
+                    "describe its preprocessing)",
         "CHECKPOINT": "default: TRAIN_DIR/model.keras",
         "INFERENCE_PRECISION": "auto, float32 or mixed_bfloat16",
         "NUM_FIGURES": "montages of at most this many cases; 0: all",
-        "CROP_SIZE": "with --input and no manifest in --data-dir",
-        "CROP_MODE": "with --input and no manifest in --data-dir",
-        "SLICE_POLICY": "with --input and no manifest in --data-dir"}
+        "TEST_TIME_FLIPS": "average the prediction with that of the left-right mirror image",
+        "MIN_LESION_MM3": "remove predicted tumor components smaller than this; 0: keep all",
+        "MIN_ENHANCING_MM3": "less enhancing tumor than this becomes core; 0: keep it",
+        "CROP_SIZE": "with --input, for a checkpoint without its preprocessing and no manifest",
+        "CROP_MODE": "with --input, for a checkpoint without its preprocessing and no manifest",
+        "SLICE_POLICY": "with --input, for a checkpoint without its preprocessing and no "
+                        "manifest"}
 FLAIR = layouts.MODALITIES.index("flair")
 
 
@@ -69,16 +76,30 @@ def check_fits(model, checkpoint, image_size, channels, what):
                              f"{image_size} with {channels}")
 
 
-def predict(model, imgs, batch_size):
-    """Probabilities [N, S, S, K] float32, and the seconds the model took."""
+def predict(model, imgs, batch_size, flips=False):
+    """Probabilities [N, S, S, K] float32, and the seconds the model took. With flips, the
+    mean of the predictions for each slice and for its left-right mirror image (mirrored
+    back): brains are nearly symmetric, and averaging two views evens out some errors."""
     probabilities = np.empty((*imgs.shape[:3], model.output_shape[-1]), np.float32)
     seconds = 0.0
     for start in range(0, len(imgs), batch_size):
         batch = np.asarray(imgs[start:start + batch_size], dtype=np.float32)
         started = time.perf_counter()
-        probabilities[start:start + batch_size] = model.predict_on_batch(batch)
+        predicted = model.predict_on_batch(batch)
+        if flips:
+            mirrored = model.predict_on_batch(np.ascontiguousarray(batch[:, ::-1]))
+            predicted = (predicted + mirrored[:, ::-1]) / 2
+        probabilities[start:start + batch_size] = predicted
         seconds += time.perf_counter() - started
     return probabilities, seconds
+
+
+def segmentation(masks, spacing, label_mode, args):
+    """Thresholded target channels [..., K] -> the post-processed internal label map that is
+    written, and the target channels of that map, which are what is scored."""
+    labels = postprocessing.postprocess(preprocessing.labels_from_targets(masks, label_mode),
+                                        spacing, args.MIN_LESION_MM3, args.MIN_ENHANCING_MM3)
+    return labels, preprocessing.targets(labels, label_mode).astype(bool)
 
 
 # --- Outputs ---------------------------------------------------------------------------------
@@ -113,23 +134,26 @@ def infer_arrays(model, args, output):
     imgs, msks = dataset.open_split(args.DATA_DIR, "test")
     imgs_path = dataset.split_paths(args.DATA_DIR, "test")[0]
     check_fits(model, args.CHECKPOINT, imgs.shape[1], imgs.shape[3], imgs_path)
-    probabilities, seconds = predict(model, imgs, args.INFERENCE_BATCH_SIZE)
+    probabilities, seconds = predict(model, imgs, args.INFERENCE_BATCH_SIZE,
+                                     args.TEST_TIME_FLIPS)
     predictions = probabilities > 0.5
     regions = options.target_names
     rows = []
     for number, entry in enumerate(manifest["splits"]["test"]):
         first, end = entry["rows"]
-        truth, prediction = msks[first:end].astype(bool), predictions[first:end]
         spacing = preprocessing.slice_spacing(entry.get("spacing", [1.0, 1.0, 1.0]),
                                               entry["crop_box"][2], options.image_size)
+        truth = msks[first:end].astype(bool)
+        _, prediction = segmentation(predictions[first:end], spacing, options.label_mode, args)
+        predictions[first:end] = prediction
         row = metrics.score_case(entry["case"], end - first, truth, prediction, regions, spacing)
         rows.append(row)
         print(f"  {entry['case']:<28} {row['slices']:4d} slices  "
               f"{metrics.whole_tumor_scores(row)}")
         if wants_montage(number, args.NUM_FIGURES):
             write_figure(output, f"{entry['case']}_montage.png", figures.montage(
-                np.asarray(imgs[first:end, ..., FLAIR], np.float32), truth[..., 0],
-                prediction[..., 0], entry["case"]))
+                np.asarray(imgs[first:end, ..., FLAIR], np.float32), truth, prediction,
+                regions, entry["case"]))
     pooled_dice = metrics.dice(msks[..., 0], predictions[..., 0])
     mean_dice = float(np.mean([row["whole_tumor_dice"] for row in rows]))
     report(output, rows, regions, {
@@ -165,15 +189,16 @@ def segment_case(model, case, options, args, output):
     imgs, _, geometry = preprocessing.preprocess_case(image, None, options)
     check_fits(model, args.CHECKPOINT, options.image_size, image.shape[3],
                case.images[layouts.MODALITIES[0]])
-    slice_probabilities, seconds = predict(model, imgs, args.INFERENCE_BATCH_SIZE)
+    slice_probabilities, seconds = predict(model, imgs, args.INFERENCE_BATCH_SIZE,
+                                           args.TEST_TIME_FLIPS)
     probabilities = preprocessing.to_volume(slice_probabilities, geometry, image.shape[:3])
-    masks = probabilities > 0.5
 
     reference = layouts.reference_image(case)
-    segmentation = layouts.to_release_labels(
-        preprocessing.labels_from_targets(masks, options.label_mode), case.layout)
+    spacing = reference.header.get_zooms()[:3]
+    internal, masks = segmentation(probabilities > 0.5, spacing, options.label_mode, args)
+    release = layouts.to_release_labels(internal, case.layout)
     output.write(f"{case.case_id}_seg.nii.gz",
-                 lambda path: nib.save(layouts.like_reference(segmentation, reference), path))
+                 lambda path: nib.save(layouts.like_reference(release, reference), path))
     if args.probabilities:
         squeezed = probabilities[..., 0] if probabilities.shape[-1] == 1 else probabilities
         output.write(f"{case.case_id}_probabilities.nii.gz",
@@ -184,20 +209,27 @@ def segment_case(model, case, options, args, output):
         return None, None
     truth = preprocessing.targets(labels, options.label_mode).astype(bool)
     row = metrics.score_case(case.case_id, len(imgs), truth, masks, options.target_names,
-                             reference.header.get_zooms()[:3])
+                             spacing)
     print(f"  {metrics.whole_tumor_scores(row)}")
-    return row, (np.moveaxis(image[..., FLAIR], 2, 0), np.moveaxis(truth[..., 0], 2, 0),
-                 np.moveaxis(masks[..., 0], 2, 0))
+    return row, (np.moveaxis(image[..., FLAIR], 2, 0), np.moveaxis(truth, 2, 0),
+                 np.moveaxis(masks, 2, 0), options.target_names)
 
 
 def preprocessing_for(model, args):
-    """The converter's preprocessing from the data folder's manifest (the crop and slice
-    flags without one), with the slice size and label mode the model was trained for (its
-    input size and output channels)."""
-    manifest = dataset.load_manifest(args.DATA_DIR)
-    options = preprocessing.Preprocessing(**manifest["preprocessing"]) if manifest else \
-        preprocessing.Preprocessing(crop_size=args.CROP_SIZE, crop_mode=args.CROP_MODE,
-                                    slice_policy=args.SLICE_POLICY)
+    """How the model's training slices were prepared: from the checkpoint itself (every
+    model train_horovod.py exports describes it), else from the data folder's manifest,
+    else the crop and slice flags, with a warning. The slice size and label mode always
+    follow the model (its input size and output channels)."""
+    description = checkpoints.read_description(args.CHECKPOINT)
+    manifest = None if description else dataset.load_manifest(args.DATA_DIR)
+    if description or manifest:
+        options = preprocessing.Preprocessing(**(description or manifest)["preprocessing"])
+    else:
+        print(f"WARNING: {args.CHECKPOINT} does not say how its training data was prepared "
+              f"and {args.DATA_DIR} holds no manifest: using --crop-size {args.CROP_SIZE}, "
+              f"--crop-mode {args.CROP_MODE}, --slice-policy {args.SLICE_POLICY}")
+        options = preprocessing.Preprocessing(crop_size=args.CROP_SIZE, crop_mode=args.CROP_MODE,
+                                              slice_policy=args.SLICE_POLICY)
     label_mode = next(mode for mode, channels in preprocessing.LABEL_MODES.items()
                       if len(channels) == model.output_shape[-1])
     return preprocessing.Preprocessing(model.input_shape[1], options.crop_size, options.crop_mode,
@@ -222,8 +254,9 @@ def infer_nifti(model, args, output):
         if row:
             rows.append(row)
             if wants_montage(len(rows) - 1, args.NUM_FIGURES):
+                flair, truth, prediction, regions = views
                 write_figure(output, f"{case.case_id}_montage.png",
-                             figures.montage(*views, case.case_id))
+                             figures.montage(flair, truth, prediction, regions, case.case_id))
     if rows:
         report(output, rows, options.target_names, {"checkpoint": os.path.abspath(args.CHECKPOINT)})
     print(f"Segmented {len(cases) - len(failures)} of {len(cases)} case(s) into "

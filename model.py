@@ -61,12 +61,15 @@ def build_unet(image_size=128, channels=4, num_classes=1, base_filters=16, depth
     return keras.Model(inputs, outputs, name="unet")
 
 
-def dice_sums(y_true, y_pred):
-    """Intersection and total mask size over the batch: summed, not averaged per image,
-    so slices without tumor do not dominate, and so sums from several ranks can be added."""
+def dice_sums(y_true, y_pred, per_region=False):
+    """Intersection and total mask size, summed over the batch (not averaged per image, so
+    slices without tumor do not dominate, and so sums from several ranks can be added): two
+    numbers, or with per_region one pair per region (channel), vectors of length K."""
+    axis = (0, 1, 2) if per_region else None
     y_true = ops.cast(y_true, "float32")
     y_pred = ops.cast(y_pred, "float32")
-    return ops.sum(y_true * y_pred), ops.sum(y_true) + ops.sum(y_pred)
+    return (ops.sum(y_true * y_pred, axis=axis),
+            ops.sum(y_true, axis=axis) + ops.sum(y_pred, axis=axis))
 
 
 def dice_coefficient(y_true, y_pred, threshold=0.5):
@@ -75,15 +78,19 @@ def dice_coefficient(y_true, y_pred, threshold=0.5):
     return metrics.dice_from_sums(*dice_sums(y_true, y_pred), SMOOTH)
 
 
-def soft_dice_loss(y_true, y_pred):
+def soft_dice_loss(y_true, y_pred, per_region=False):
     """1 - soft Dice on probabilities: differentiable, and insensitive to class imbalance
-    (tumor is a few percent of the pixels)."""
-    return 1.0 - metrics.dice_from_sums(*dice_sums(y_true, y_pred), SMOOTH)
+    (tumor is a few percent of the pixels). per_region: 1 - the mean of one soft Dice per
+    region. The BraTS regions are nested and of very different sizes (enhancing tumor is a
+    few percent of the whole tumor), so in one Dice pooled over the channels the whole tumor
+    decides nearly everything and the enhancing tumor barely counts."""
+    dice = metrics.dice_from_sums(*dice_sums(y_true, y_pred, per_region), SMOOTH)
+    return 1.0 - ops.mean(dice)
 
 
-def bce_dice_loss(y_true, y_pred):
+def bce_dice_loss(y_true, y_pred, per_region=False):
     """Binary cross-entropy + soft Dice: BCE gives well-behaved per-pixel gradients early
     in training, Dice keeps the small tumor class from being ignored."""
     bce = ops.mean(keras.losses.binary_crossentropy(
         ops.cast(y_true, "float32"), ops.cast(y_pred, "float32")))
-    return bce + soft_dice_loss(y_true, y_pred)
+    return bce + soft_dice_loss(y_true, y_pred, per_region)

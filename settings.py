@@ -28,7 +28,9 @@ CROP_MODE = "center"  # "center": CROP_SIZE square at the grid centre (seed proj
 #                       pixels on the brain but a scale that differs between cases
 CROP_SIZE = 192  # side of the centre crop (voxels); BraTS brains fit inside 192x192
 SLICE_POLICY = "brain"  # "brain": only slices containing brain; "all": every axial slice
-LABEL_MODE = "whole_tumor"  # or "regions": whole tumor, tumor core, enhancing tumor channels
+# "regions": whole tumor, tumor core and enhancing tumor channels, the three regions BraTS
+# evaluates; "whole_tumor": one channel, the seed project's binary setup.
+LABEL_MODE = "regions"
 IMAGE_DTYPE = "float16"  # float16 halves disk and I/O against float32; masks are uint8
 CONVERT_WORKERS = 0  # worker processes; 0 = one per available core
 STRICT = False  # True: fail (and write nothing) when any case is skipped
@@ -44,6 +46,15 @@ DROPOUT = 0.0  # dropout rate at the bottleneck; 0 disables it
 
 # --- Training -------------------------------------------------------------------------------
 BATCH_SIZE = 32  # per worker; the global batch is BATCH_SIZE x number of workers
+# The loss is binary cross-entropy + soft Dice. True: the Dice term is the mean of one soft
+# Dice per region; False: one Dice pooled over the regions, where the whole tumor (the
+# largest) drowns the enhancing tumor (a few percent of it). See model.soft_dice_loss.
+DICE_PER_REGION = True
+# Random intensity changes per training slice and modality, on top of the flips and
+# rotations: brain voxels scaled by 1 + u and shifted by v, u and v uniform in +-this
+# (z-score units). Scanners and protocols change contrast and offset after normalization
+# too; 0 turns it off.
+INTENSITY_AUGMENTATION = 0.0
 EPOCHS = 3
 STEPS_PER_EPOCH = 0  # 0: every epoch covers the largest shard once; > 0: that many steps
 # Synchronous data parallelism makes fewer, larger updates per epoch; the learning rate is
@@ -103,3 +114,8 @@ CHECKPOINT = ""  # "": the best model of the training run, TRAIN_DIR/model.keras
 INFERENCE_BATCH_SIZE = 64
 INFERENCE_PRECISION = "auto"  # "auto": bfloat16 where the CPU has it (AMX / AVX512_BF16)
 NUM_FIGURES = 0  # PNG montages of at most this many scored cases; 0: every scored case
+# Average each slice's prediction with that of its left-right mirror image (2x the time).
+TEST_TIME_FLIPS = False
+# Post-processing of the predicted label map (brainseg/postprocessing.py); 0 turns a rule off.
+MIN_LESION_MM3 = 0  # tumor components smaller than this (mm^3) are removed
+MIN_ENHANCING_MM3 = 0  # a case with less enhancing tumor than this gets none (it becomes core)

@@ -22,12 +22,14 @@ resets its counters at every start). The loop is fit()'s own, twenty lines, and 
 drives Keras callbacks (CSV log, TensorBoard).
 """
 import datetime
+import functools
 import os
 import sys
 import time
 
 import horovod.tensorflow as hvd
 import keras
+import numpy as np
 import tensorflow as tf
 
 import data
@@ -35,8 +37,8 @@ import model as unet
 from brainseg import checkpoints, cli, dataset, hardware, metrics
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE",
-            "LEARNING_RATE", "WARMUP_EPOCHS", "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH",
-            "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
+            "DICE_PER_REGION", "INTENSITY_AUGMENTATION", "LEARNING_RATE", "WARMUP_EPOCHS",
+            "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH", "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
             "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION", "EARLY_STOPPING_PATIENCE",
             "TIMELINE", "HOROVOD_CYCLE_TIME_MS"]
 HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled by workers",
@@ -79,7 +81,8 @@ def make_train_step(model, optimizer, loss_fn):
         if hvd.size() > 1:  # one worker has nothing to average: no copy through Horovod
             gradients = hvd.grouped_allreduce(gradients, op=hvd.Average)
         optimizer.apply(gradients, model.trainable_variables)
-        intersection, total = unet.dice_sums(masks, tf.cast(probabilities > 0.5, tf.float32))
+        intersection, total = unet.dice_sums(masks, tf.cast(probabilities > 0.5, tf.float32),
+                                             per_region=True)
         return loss, intersection, total
     return train_step
 
@@ -88,20 +91,33 @@ def make_eval_step(model, loss_fn):
     @tf.function(jit_compile=False)
     def eval_step(images, masks):
         probabilities = model(images, training=False)
-        intersection, total = unet.dice_sums(masks, tf.cast(probabilities > 0.5, tf.float32))
+        intersection, total = unet.dice_sums(masks, tf.cast(probabilities > 0.5, tf.float32),
+                                             per_region=True)
         batch = tf.cast(tf.shape(images)[0], tf.float32)
-        return tf.stack([loss_fn(masks, probabilities) * batch, intersection, total, batch])
+        return tf.concat([[loss_fn(masks, probabilities) * batch, batch], intersection, total],
+                         axis=0)
     return eval_step
 
 
-def evaluate(eval_step, dataset):
-    """Loss and Dice over the whole validation set: each rank sums over its shard, then the
-    sums are added across ranks (one allreduce, so unequal shard sizes cannot hang)."""
-    sums = tf.zeros(4)
+def mean_region_dice(intersection, total):
+    """The mean over regions of each region's Dice (smoothed as in training): what early
+    stopping and the best model follow, so that the small enhancing tumor counts as much
+    as the whole tumor. With one region, its Dice."""
+    return float(np.mean(metrics.dice_from_sums(np.asarray(intersection), np.asarray(total),
+                                                unet.SMOOTH)))
+
+
+def evaluate(eval_step, dataset, num_regions):
+    """Loss and mean region Dice over the whole validation set: each rank sums over its
+    shard, then the sums are added across ranks (one allreduce, so unequal shard sizes
+    cannot hang)."""
+    sums = tf.zeros(2 + 2 * num_regions)
     for images, masks in dataset:
         sums += eval_step(images, masks)
-    loss_sum, intersection, total, count = hvd.allreduce(sums, op=hvd.Sum).numpy()
-    return loss_sum / max(count, 1), float(metrics.dice_from_sums(intersection, total, unet.SMOOTH))
+    sums = hvd.allreduce(sums, op=hvd.Sum).numpy()
+    loss_sum, count = sums[:2]
+    intersection, total = sums[2:2 + num_regions], sums[2 + num_regions:]
+    return loss_sum / max(count, 1), mean_region_dice(intersection, total)
 
 
 def say(text):
@@ -161,7 +177,8 @@ def sharded_datasets(args, imgs_train, msks_train, imgs_test, msks_test, samples
     of the validation slices."""
     train_batches = iter(data.training_dataset(
         imgs_train, msks_train, data.shard_indices(len(imgs_train), hvd.rank(), hvd.size()),
-        args.BATCH_SIZE, seed=args.SEED + hvd.rank(), skip_samples=samples_done))
+        args.BATCH_SIZE, seed=args.SEED + hvd.rank(), skip_samples=samples_done,
+        intensity_augmentation=args.INTENSITY_AUGMENTATION))
     test_batches = data.evaluation_dataset(
         imgs_test, msks_test, data.shard_indices(len(imgs_test), hvd.rank(), hvd.size()),
         args.BATCH_SIZE)
@@ -219,12 +236,12 @@ def train_one_epoch(train_step, batches, steps, epoch, log_every):
     for step in range(1, steps + 1):
         loss, batch_intersection, batch_total = train_step(*next(batches))
         loss_sum += float(loss)
-        intersection += float(batch_intersection)
-        total += float(batch_total)
+        intersection += batch_intersection.numpy()
+        total += batch_total.numpy()
         if step % log_every == 0 and step < steps:
             log(f"  epoch {epoch + 1} step {step}/{steps} loss {loss_sum / step:.4f}")
-    dice = float(metrics.dice_from_sums(intersection, total, unet.SMOOTH))
-    return loss_sum / steps, dice, time.perf_counter() - started
+    return loss_sum / steps, mean_region_dice(intersection, total), \
+        time.perf_counter() - started
 
 
 def memory_line():
@@ -246,12 +263,15 @@ def epoch_line(epoch, epochs, logs):
             f"ETA {datetime.timedelta(seconds=round(logs['eta_seconds']))}")
 
 
-def fit(model, optimizer, schedule, train_batches, test_batches, progress, args):
+def fit(model, optimizer, schedule, train_batches, test_batches, progress, description, args):
     """Trains the epochs left in `progress`: synchronous steps on every rank, then the
     validation Dice, which the allreduce makes bit-identical on every rank, so all ranks take
-    the same early-stopping decision without a broadcast. Rank 0 logs and checkpoints."""
-    train_step = make_train_step(model, optimizer, unet.bce_dice_loss)
-    eval_step = make_eval_step(model, unet.bce_dice_loss)
+    the same early-stopping decision without a broadcast. Rank 0 logs and checkpoints; the
+    best model is exported with `description` (how its input was prepared)."""
+    loss_fn = functools.partial(unet.bce_dice_loss, per_region=args.DICE_PER_REGION)
+    train_step = make_train_step(model, optimizer, loss_fn)
+    eval_step = make_eval_step(model, loss_fn)
+    num_regions = model.output_shape[-1]
     callbacks = make_callbacks(model, args.TRAIN_DIR, resuming=progress.epoch > 0)
     callbacks.on_train_begin()
     export_path = os.path.join(args.TRAIN_DIR, checkpoints.EXPORT_NAME)
@@ -261,7 +281,7 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, args)
         loss, dice, seconds = train_one_epoch(train_step, train_batches,
                                               progress.steps_per_epoch, epoch,
                                               args.LOG_EVERY_STEPS)
-        val_loss, val_dice = evaluate(eval_step, test_batches)
+        val_loss, val_dice = evaluate(eval_step, test_batches, num_regions)
         seconds_this_run.append(seconds)
         improved = progress.record_epoch(epoch, val_dice, args.EARLY_STOPPING_PATIENCE)
         epochs_left = 0 if progress.stopped_early else args.EPOCHS - epoch - 1
@@ -276,7 +296,7 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, args)
             # The export first: a crash in between then re-runs this epoch rather than
             # leaving a state that claims a best model the export does not hold.
             if improved:
-                checkpoints.export_for_inference(model, export_path)
+                checkpoints.export_for_inference(model, export_path, description)
             checkpoints.save_state(model, args.TRAIN_DIR, progress)
         if progress.stopped_early:
             log(f"Early stopping: validation Dice has not improved for "
@@ -332,7 +352,8 @@ def main(argv=None):
     restore_and_broadcast(model, optimizer, saved)
 
     # Train, averaging gradients across workers; rank 0 checkpoints every epoch.
-    fit(model, optimizer, schedule, train_batches, test_batches, progress, args)
+    fit(model, optimizer, schedule, train_batches, test_batches, progress,
+        checkpoints.describe(dataset.load_manifest(args.DATA_DIR)), args)
     say(f"rank {hvd.rank()}: final weights fingerprint {checkpoints.weights_fingerprint(model)}")
     say(f"rank {hvd.rank()}: {memory_line()}")
 

@@ -8,7 +8,8 @@ TRAIN_DIR holds, after every epoch:
     training_state.json             the commit record: which state file is current, epochs
                                     done, best validation Dice, epochs without improvement
     model.keras                     the best epoch by validation Dice, without optimizer:
-                                    what inference.py loads (compile=False, safe mode)
+                                    what inference.py loads (compile=False, safe mode),
+                                    with DESCRIPTION inside: how its input slices were made
 
 Why two files for the state: the .keras file is the format Keras 3 restores model and
 optimizer from (model.load_weights also reads the optimizer variables of a compiled model),
@@ -24,6 +25,7 @@ import glob
 import hashlib
 import json
 import os
+import zipfile
 
 import numpy as np
 
@@ -32,6 +34,7 @@ from brainseg import atomic, hardware
 STATE_RECORD = "training_state.json"
 STATE_PATTERN = "training_state_epoch{epoch:04d}.keras"
 EXPORT_NAME = "model.keras"
+DESCRIPTION = "brainseg_description.json"  # inside the exported .keras archive
 
 
 def weights_fingerprint(model):
@@ -140,8 +143,37 @@ def restore_state(model, state):
                          f"written with other model settings?")
 
 
-def export_for_inference(model, path):
+def describe(manifest):
+    """What inference needs to prepare new cases as the model's training data was prepared,
+    from the converter's manifest (None without one): the preprocessing (crop, slice policy,
+    label mode), the modalities in channel order and the region names of the outputs."""
+    if manifest is None:
+        return None
+    return {"preprocessing": manifest["preprocessing"], "modalities": manifest["modalities"],
+            "regions": manifest["targets"]}
+
+
+def export_for_inference(model, path, description=None):
     """Saves the model without training-only objects (no optimizer, not compiled): a clone of
     the architecture, which keeps each layer's dtype policy (a bfloat16-trained model predicts
-    in bfloat16 with a float32 output layer), carrying the current weights."""
-    atomic.replace_atomically(path, hardware.in_precision(model, None).save)
+    in bfloat16 with a float32 output layer), carrying the current weights. The description
+    goes inside the .keras file (a zip archive; Keras ignores members it does not know), so
+    the model describes itself on a machine without the training data."""
+    def save(temporary):
+        hardware.in_precision(model, None).save(temporary)
+        if description is not None:
+            with zipfile.ZipFile(temporary, "a") as archive:
+                archive.writestr(DESCRIPTION, json.dumps(description, indent=1))
+    atomic.replace_atomically(path, save)
+
+
+def read_description(path):
+    """The description export_for_inference stored in a model file, or None (a model saved
+    by an earlier version of this project, or by plain Keras)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if DESCRIPTION in archive.namelist():
+                return json.loads(archive.read(DESCRIPTION))
+    except (zipfile.BadZipFile, OSError, ValueError):
+        pass
+    return None

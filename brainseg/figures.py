@@ -15,22 +15,28 @@ def save(figure, path, dpi=90):
     plt.close(figure)
 
 
-def montage(flair, truth, prediction, title, count=4):
-    """A figure of `count` axial slices through the tumor: FLAIR with the ground truth
-    (green) and prediction (red) outlined. Arrays are [slices, H, W]."""
-    tumor = np.flatnonzero((truth | prediction).any(axis=(1, 2)) if truth is not None
-                           else prediction.any(axis=(1, 2)))
+REGION_COLORS = {"whole_tumor": "yellow", "tumor_core": "red", "enhancing_tumor": "cyan"}
+
+
+def montage(flair, truth, prediction, regions, title, count=4):
+    """A figure of `count` axial slices through the tumor, FLAIR with every region outlined
+    in its own colour: ground truth on the top row, prediction below. Arrays are
+    [slices, H, W] (FLAIR) and [slices, H, W, K] (one boolean channel per region)."""
+    tumor = np.flatnonzero((truth | prediction).any(axis=(1, 2, 3)))
     picks = tumor[np.linspace(0, len(tumor) - 1, count).round().astype(int)] if len(tumor) \
         else np.linspace(0, len(flair) - 1, count).round().astype(int)
-    figure, axes = plt.subplots(1, count, figsize=(3 * count, 3.3))
-    for ax, index in zip(np.atleast_1d(axes), picks):
-        ax.imshow(flair[index].T, cmap="gray", origin="lower")
-        for mask, color in ((truth, "lime"), (prediction, "red")):
-            if mask is not None and mask[index].any():
-                ax.contour(mask[index].T, levels=[0.5], colors=color, linewidths=1)
-        ax.set_title(f"slice {index}", fontsize=9)
-        ax.axis("off")
-    figure.suptitle(f"{title}   (green: ground truth, red: prediction)", fontsize=10)
+    figure, axes = plt.subplots(2, count, figsize=(2.6 * count, 5.6))
+    for row, (masks, name) in enumerate(((truth, "ground truth"), (prediction, "prediction"))):
+        for ax, index in zip(axes[row], picks):
+            ax.imshow(flair[index].T, cmap="gray", origin="lower")
+            for k, region in enumerate(regions):
+                if masks[index, ..., k].any():
+                    ax.contour(masks[index, ..., k].T, levels=[0.5], linewidths=1,
+                               colors=REGION_COLORS.get(region, "lime"))
+            ax.set_title(f"{name}, slice {index}", fontsize=8)
+            ax.axis("off")
+    legend = ", ".join(f"{REGION_COLORS.get(r, 'lime')}: {r.replace('_', ' ')}" for r in regions)
+    figure.suptitle(f"{title}   ({legend})", fontsize=9)
     figure.tight_layout()
     return figure
 

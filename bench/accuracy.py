@@ -1,0 +1,165 @@
+"""Accuracy on realistic tumors: the benchmark every change to the training recipe is judged by.
+
+    .venv/bin/python -m bench.accuracy --json runs/bench_accuracy.json [--seed 1]
+        [--train-cases 24] [--test-cases 8] [--name NAME]
+        [--convert-flags "..."] [--train-flags "..."] [--inference-flags "..."]
+
+Generates realistic synthetic cases (brainseg/phantom.py: real brain anatomy, lobulated and
+multifocal tumors, thin broken enhancing rims, lower-grade tumors without enhancement,
+FLAIR-bright lesions that are not tumor, bias fields, noise, thick slices) for training, and
+held-out cases with another seed; converts the training cases and trains on them the way the
+README tells a user to (converter.py, then run_multinode.sh: 2 workers on this machine, the
+documented defaults of settings.py); segments the held-out NIfTI cases with
+`inference.py --input`; and reports, per region, the mean and median Dice and HD95 over the
+held-out cases, the worst case, the training time and images per second.
+
+Deterministic for a seed: the cases, the split, the initial weights and the batches all
+follow it. The generated and converted data are kept in --work-dir and reused by the next
+run with the same seed, case counts and conversion flags, so an ablation (--train-flags,
+--inference-flags) costs only its training and inference.
+"""
+import argparse
+import csv
+import hashlib
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+from brainseg import atomic
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+REGIONS = ("whole_tumor", "tumor_core", "enhancing_tumor")
+
+
+def run(command):
+    """Runs one step of the pipeline from the repository root, its output shown as it goes;
+    returns its wall-clock seconds."""
+    print(f"$ {shlex.join(command)}", flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPO_DIR, check=True,
+                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    return time.perf_counter() - started
+
+
+def generate(raw_dir, num_cases, seed):
+    """Realistic cases 1..num_cases of `seed`, unless a complete earlier run left them."""
+    done = os.path.join(raw_dir, ".complete")
+    if not os.path.exists(done):
+        run([PYTHON, "synthetic_brats.py", "--synthetic-kind", "realistic", "--raw-dir", raw_dir,
+             "--synthetic-num-cases", str(num_cases), "--synthetic-seed", str(seed)])
+        open(done, "w").close()
+    return raw_dir
+
+
+def convert(raw_dir, data_dir, convert_flags):
+    if not os.path.exists(os.path.join(data_dir, "manifest.json")):
+        run([PYTHON, "converter.py", "--raw-dir", raw_dir, "--data-dir", data_dir,
+             *convert_flags])
+    return data_dir
+
+
+def train(data_dir, train_dir, seed, train_flags):
+    """Trains as the README does (run_multinode.sh on hosts.txt); returns the seconds it
+    took and the images per second of the epochs after the first (which traces graphs)."""
+    seconds = run(["./run_multinode.sh", "--no-preflight", "--", "--data-dir", data_dir,
+                   "--train-dir", train_dir, "--seed", str(seed), *train_flags])
+    with open(os.path.join(train_dir, "training_log.csv")) as file:
+        rates = [float(row["images_per_second"]) for row in csv.DictReader(file)]
+    return seconds, statistics.median(rates[1:] or rates)
+
+
+def segment(test_raw_dir, train_dir, inference_dir, inference_flags):
+    """inference.py --input on the held-out release; its per-case rows."""
+    seconds = run([PYTHON, "inference.py", "--input", test_raw_dir, "--train-dir", train_dir,
+                   "--inference-dir", inference_dir, "--num-figures", "4", "--overwrite",
+                   *inference_flags])
+    with open(os.path.join(inference_dir, "per_case_metrics.csv")) as file:
+        rows = [{key: value if key == "case" else float(value) for key, value in row.items()}
+                for row in csv.DictReader(file)]
+    return seconds, rows
+
+
+def summarize(rows):
+    """{region: mean and median Dice and HD95} over the held-out cases, and the worst case."""
+    regions = {}
+    for region in REGIONS:
+        if f"{region}_dice" not in rows[0]:
+            continue
+        dice = [row[f"{region}_dice"] for row in rows]
+        hd95 = [row[f"{region}_hd95_mm"] for row in rows]
+        regions[region] = {"dice_mean": statistics.fmean(dice),
+                           "dice_median": statistics.median(dice),
+                           "hd95_mean_mm": statistics.fmean(hd95),
+                           "hd95_median_mm": statistics.median(hd95)}
+    worst = min(rows, key=lambda row: row["whole_tumor_dice"])
+    return regions, {"case": worst["case"], "whole_tumor_dice": worst["whole_tumor_dice"],
+                     **{f"{region}_dice": worst[f"{region}_dice"] for region in regions}}
+
+
+def flags_key(*flag_lists):
+    return hashlib.sha256(json.dumps(flag_lists).encode()).hexdigest()[:10]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--name", default="defaults", help="the recipe's name in the results")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--train-cases", type=int, default=24)
+    parser.add_argument("--test-cases", type=int, default=8)
+    parser.add_argument("--convert-flags", default="", help="extra converter.py flags")
+    parser.add_argument("--train-flags", default="", help="extra train_horovod.py flags")
+    parser.add_argument("--inference-flags", default="", help="extra inference.py flags")
+    parser.add_argument("--work-dir", default=os.path.join(REPO_DIR, "data", "bench_accuracy"))
+    args = parser.parse_args()
+    convert_flags, train_flags, inference_flags = (
+        shlex.split(flags) for flags in (args.convert_flags, args.train_flags,
+                                         args.inference_flags))
+    started = time.perf_counter()
+
+    # Data: training and held-out cases from different seeds, kept for the next run.
+    data_key = f"seed{args.seed}_{args.train_cases}+{args.test_cases}"
+    train_raw = generate(os.path.join(args.work_dir, data_key, "train_raw"), args.train_cases,
+                         args.seed)
+    test_raw = generate(os.path.join(args.work_dir, data_key, "test_raw"), args.test_cases,
+                        args.seed + 1000)
+    data_dir = convert(train_raw, os.path.join(args.work_dir, data_key,
+                                               f"converted_{flags_key(convert_flags)}"),
+                       convert_flags)
+
+    # The recipe: a fresh training run and inference for these flags.
+    run_dir = os.path.join(args.work_dir, data_key,
+                           f"{args.name}_{flags_key(convert_flags, train_flags, inference_flags)}")
+    train_dir, inference_dir = os.path.join(run_dir, "train"), os.path.join(run_dir, "inference")
+    if os.path.exists(train_dir):
+        subprocess.run(["rm", "-rf", train_dir], check=True)
+    train_seconds, img_s = train(data_dir, train_dir, args.seed, train_flags)
+    inference_seconds, rows = segment(test_raw, train_dir, inference_dir, inference_flags)
+    regions, worst = summarize(rows)
+
+    result = {"name": args.name, "seed": args.seed, "train_cases": args.train_cases,
+              "test_cases": args.test_cases, "convert_flags": convert_flags,
+              "train_flags": train_flags, "inference_flags": inference_flags,
+              "regions": regions, "worst_case": worst, "train_seconds": train_seconds,
+              "train_img_s": img_s, "inference_seconds": inference_seconds,
+              "total_seconds": time.perf_counter() - started, "per_case": rows}
+    print(f"\n{args.name} (seed {args.seed}): {len(rows)} held-out cases; trained in "
+          f"{train_seconds / 60:.1f} min at {img_s:.1f} img/s")
+    print(f"{'region':<16} {'Dice mean':>9} {'median':>7} {'HD95 mean':>10} {'median':>7}")
+    for region, figures in regions.items():
+        print(f"{region:<16} {figures['dice_mean']:9.3f} {figures['dice_median']:7.3f} "
+              f"{figures['hd95_mean_mm']:8.1f}mm {figures['hd95_median_mm']:5.1f}mm")
+    print(f"worst case {worst['case']}: whole-tumor Dice {worst['whole_tumor_dice']:.3f}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        atomic.write_json(args.json, result)
+        print(f"Wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

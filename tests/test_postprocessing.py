@@ -1,0 +1,54 @@
+"""brainseg/postprocessing.py: small lesions removed by volume in mm^3, small enhancement
+relabelled as core, both off at 0."""
+import numpy as np
+
+from brainseg import postprocessing
+
+
+def two_lesions():
+    """A 6x6x6 lesion (edema around a core with an enhancing voxel block) and, far from it,
+    a 2x2x2 island of edema."""
+    labels = np.zeros((30, 30, 20), np.uint8)
+    labels[4:10, 4:10, 4:10] = 2
+    labels[5:9, 5:9, 5:9] = 1
+    labels[6:8, 6:8, 6:8] = 4
+    labels[20:22, 20:22, 12:14] = 2
+    return labels
+
+
+def test_islands_below_the_volume_are_removed_and_the_lesion_kept():
+    labels = two_lesions()
+    cleaned = postprocessing.remove_small_lesions(labels, (1.0, 1.0, 1.0), min_volume_mm3=10)
+    assert not cleaned[20:22, 20:22, 12:14].any()
+    np.testing.assert_array_equal(cleaned[:15], labels[:15])
+    # The threshold is a volume: with 2 mm voxels the island is 64 mm^3 and survives.
+    kept = postprocessing.remove_small_lesions(labels, (2.0, 2.0, 2.0), min_volume_mm3=10)
+    np.testing.assert_array_equal(kept, labels)
+    np.testing.assert_array_equal(postprocessing.remove_small_lesions(labels, (1, 1, 1), 0),
+                                  labels)
+
+
+def test_diagonal_neighbours_are_one_lesion():
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[2, 2, 2] = labels[3, 3, 3] = 2  # touch at a corner only: 26-connected
+    cleaned = postprocessing.remove_small_lesions(labels, (1.0, 1.0, 1.0), min_volume_mm3=2)
+    np.testing.assert_array_equal(cleaned, labels)
+
+
+def test_small_enhancement_becomes_core_and_large_enhancement_stays():
+    labels = two_lesions()  # 8 voxels of enhancing tumor
+    relabelled = postprocessing.relabel_small_enhancing(labels, (1.0, 1.0, 1.0), 9)
+    assert not (relabelled == 4).any()
+    np.testing.assert_array_equal(relabelled == 1, (labels == 1) | (labels == 4))
+    np.testing.assert_array_equal(postprocessing.relabel_small_enhancing(labels, (1, 1, 1), 8),
+                                  labels)
+
+
+def test_postprocess_drops_islands_before_counting_enhancement():
+    labels = two_lesions()
+    labels[6:8, 6:8, 6:8] = 1  # the main lesion does not enhance ...
+    labels[20:22, 20:22, 12:14] = 4  # ... but an island does (8 voxels)
+    cleaned = postprocessing.postprocess(labels, (1.0, 1.0, 1.0), min_lesion_mm3=10,
+                                         min_enhancing_mm3=5)
+    assert not (cleaned == 4).any() and not cleaned[20:, 20:].any()
+    np.testing.assert_array_equal(cleaned[:15], labels[:15])
