@@ -1,0 +1,1 @@
+"""Library modules shared by the project's scripts."""
