@@ -262,6 +262,7 @@ def _save_reference(reference, path):
         with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".npz",
                                          delete=False) as file:
             np.savez_compressed(file, **reference)
+        os.chmod(file.name, 0o644)  # like any other file in the cache
         os.replace(file.name, path)
     except OSError:
         pass
