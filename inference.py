@@ -149,7 +149,7 @@ def infer_arrays(model, args, output):
         row = metrics.score_case(entry["case"], end - first, truth, prediction, regions, spacing)
         rows.append(row)
         print(f"  {entry['case']:<28} {row['slices']:4d} slices  "
-              f"{metrics.whole_tumor_scores(row)}")
+              f"{metrics.case_scores(row, regions)}")
         if wants_montage(number, args.NUM_FIGURES):
             write_figure(output, f"{entry['case']}_montage.png", figures.montage(
                 np.asarray(imgs[first:end, ..., FLAIR], np.float32), truth, prediction,
@@ -163,6 +163,9 @@ def infer_arrays(model, args, output):
     print(f"Whole-tumor Dice: {mean_dice:.4f} mean over "
           f"{len(rows)} test cases, {pooled_dice:.4f} over all {len(imgs)} slices; "
           f"{len(imgs) / seconds:.1f} slices/s")
+    print("Mean Dice per region: " + ", ".join(
+        f"{region.replace('_', ' ')} {np.mean([row[f'{region}_dice'] for row in rows]):.4f}"
+        for region in regions))
 
 
 # --- Mode 2: NIfTI cases ---------------------------------------------------------------------
@@ -210,30 +213,33 @@ def segment_case(model, case, options, args, output):
     truth = preprocessing.targets(labels, options.label_mode).astype(bool)
     row = metrics.score_case(case.case_id, len(imgs), truth, masks, options.target_names,
                              spacing)
-    print(f"  {metrics.whole_tumor_scores(row)}")
+    print(f"  {metrics.case_scores(row, options.target_names)}")
     return row, (np.moveaxis(image[..., FLAIR], 2, 0), np.moveaxis(truth, 2, 0),
                  np.moveaxis(masks, 2, 0), options.target_names)
 
 
 def preprocessing_for(model, args):
-    """How the model's training slices were prepared: from the checkpoint itself (every
-    model train_horovod.py exports describes it), else from the data folder's manifest,
-    else the crop and slice flags, with a warning. The slice size and label mode always
-    follow the model (its input size and output channels)."""
+    """How the model's training slices were prepared, and where that was read: from the
+    checkpoint itself (every model train_horovod.py exports describes it), else from the data
+    folder's manifest, else the crop and slice flags, with a warning. The slice size and
+    label mode always follow the model (its input size and output channels)."""
     description = checkpoints.read_description(args.CHECKPOINT)
     manifest = None if description else dataset.load_manifest(args.DATA_DIR)
     if description or manifest:
         options = preprocessing.Preprocessing(**(description or manifest)["preprocessing"])
+        source = args.CHECKPOINT if description else dataset.manifest_path(args.DATA_DIR)
     else:
         print(f"WARNING: {args.CHECKPOINT} does not say how its training data was prepared "
               f"and {args.DATA_DIR} holds no manifest: using --crop-size {args.CROP_SIZE}, "
               f"--crop-mode {args.CROP_MODE}, --slice-policy {args.SLICE_POLICY}")
         options = preprocessing.Preprocessing(crop_size=args.CROP_SIZE, crop_mode=args.CROP_MODE,
                                               slice_policy=args.SLICE_POLICY)
+        source = "the flags"
     label_mode = next(mode for mode, channels in preprocessing.LABEL_MODES.items()
                       if len(channels) == model.output_shape[-1])
     return preprocessing.Preprocessing(model.input_shape[1], options.crop_size, options.crop_mode,
-                                       options.slice_policy, label_mode, options.image_dtype)
+                                       options.slice_policy, label_mode,
+                                       options.image_dtype), source
 
 
 def infer_nifti(model, args, output):
@@ -241,8 +247,8 @@ def infer_nifti(model, args, output):
         cases = input_cases(args.input)
     except layouts.LayoutError as error:
         raise InferenceError(str(error)) from error
-    options = preprocessing_for(model, args)
-    print(f"{len(cases)} case(s) from {args.input}; preprocessing {options}")
+    options, source = preprocessing_for(model, args)
+    print(f"{len(cases)} case(s) from {args.input}; preprocessing from {source}: {options}")
     rows, failures = [], []
     for case in cases:
         try:

@@ -16,6 +16,10 @@ TRAIN_DIR = os.path.join(_HERE, "runs", "train")  # model.keras, checkpoints, CS
 INFERENCE_DIR = os.path.join(_HERE, "runs", "inference")  # metrics, per-case CSV, PNGs
 
 # --- Synthetic BraTS cases (the demo and the tests; real data needs registration) -------
+# "realistic": real brain anatomy (the MNI152 template in the nilearn wheel) with gliomas as
+# they look in BraTS (brainseg/phantom.py); "cartoon": a smooth head with a bright round
+# tumor, fast, for unit tests (any U-Net segments it almost perfectly).
+SYNTHETIC_KIND = "realistic"
 SYNTHETIC_NUM_CASES = 24
 SYNTHETIC_SHAPE = (240, 240, 155)  # the BraTS grid: 1 mm isotropic, axial slices last
 SYNTHETIC_SEED = 2018
@@ -117,5 +121,5 @@ NUM_FIGURES = 0  # PNG montages of at most this many scored cases; 0: every scor
 # Average each slice's prediction with that of its left-right mirror image (2x the time).
 TEST_TIME_FLIPS = False
 # Post-processing of the predicted label map (brainseg/postprocessing.py); 0 turns a rule off.
-MIN_LESION_MM3 = 0  # tumor components smaller than this (mm^3) are removed
-MIN_ENHANCING_MM3 = 0  # a case with less enhancing tumor than this gets none (it becomes core)
+MIN_LESION_MM3 = 0.0  # tumor components smaller than this (mm^3) are removed
+MIN_ENHANCING_MM3 = 0.0  # a case with less enhancing tumor than this gets none (it becomes core)

@@ -9,11 +9,13 @@ import time
 
 from brainseg import cli, layouts, synthetic
 
-SETTINGS = ["RAW_DIR", "SYNTHETIC_NUM_CASES", "SYNTHETIC_SEED", "SYNTHETIC_SHAPE"]
+SETTINGS = ["RAW_DIR", "SYNTHETIC_KIND", "SYNTHETIC_NUM_CASES", "SYNTHETIC_SEED",
+            "SYNTHETIC_SHAPE"]
 # Earlier spellings of the flags, still accepted (the README used them).
 ALIASES = {"RAW_DIR": ["--out-dir"], "SYNTHETIC_NUM_CASES": ["--num-cases"],
            "SYNTHETIC_SEED": ["--seed"], "SYNTHETIC_SHAPE": ["--shape"]}
-HELP = {"SYNTHETIC_SHAPE": "grid size X Y Z (the same head, resampled)"}
+HELP = {"SYNTHETIC_SHAPE": "grid size X Y Z (the same head, resampled)",
+        "SYNTHETIC_KIND": "realistic (brain template, BraTS-like tumors) or cartoon (fast)"}
 
 
 def main(argv=None):
@@ -24,11 +26,13 @@ def main(argv=None):
                         help="omit the label maps, like a validation release")
     args = parser.parse_args(argv)
     shape = tuple(args.SYNTHETIC_SHAPE)
-    print(f"Synthetic BraTS: {args.SYNTHETIC_NUM_CASES} cases of {shape} voxels, "
+    print(f"Synthetic BraTS: {args.SYNTHETIC_NUM_CASES} {args.SYNTHETIC_KIND} cases of "
+          f"{shape} voxels, "
           f"seed {args.SYNTHETIC_SEED}, into {args.RAW_DIR}")
     start = time.time()
     folders = synthetic.write_dataset(args.RAW_DIR, args.SYNTHETIC_NUM_CASES,
-                                      args.SYNTHETIC_SEED, shape, args.layout, args.with_labels)
+                                      args.SYNTHETIC_SEED, shape, args.layout, args.with_labels,
+                                      args.SYNTHETIC_KIND)
     print(f"Wrote {len(folders)} cases to {args.RAW_DIR} in {time.time() - start:.1f} s")
 
 

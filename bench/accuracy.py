@@ -14,9 +14,10 @@ documented defaults of settings.py); segments the held-out NIfTI cases with
 held-out cases, the worst case, the training time and images per second.
 
 Deterministic for a seed: the cases, the split, the initial weights and the batches all
-follow it. The generated and converted data are kept in --work-dir and reused by the next
-run with the same seed, case counts and conversion flags, so an ablation (--train-flags,
---inference-flags) costs only its training and inference.
+follow it. Everything is kept in --work-dir and reused by the next run with the same seed,
+case counts and flags: an ablation of --inference-flags alone (post-processing, test-time
+flips) costs only its inference, since train_horovod.py returns at once on a finished run
+(the training time reported is then the one logged when it trained).
 """
 import argparse
 import csv
@@ -64,13 +65,16 @@ def convert(raw_dir, data_dir, convert_flags):
 
 
 def train(data_dir, train_dir, seed, train_flags):
-    """Trains as the README does (run_multinode.sh on hosts.txt); returns the seconds it
-    took and the images per second of the epochs after the first (which traces graphs)."""
-    seconds = run(["./run_multinode.sh", "--no-preflight", "--", "--data-dir", data_dir,
-                   "--train-dir", train_dir, "--seed", str(seed), *train_flags])
+    """Trains as the README does (run_multinode.sh on hosts.txt); returns the seconds its
+    epochs took, their number, and the median images per second of the epochs after the
+    first (which traces graphs), all from its training log."""
+    run(["./run_multinode.sh", "--no-preflight", "--", "--data-dir", data_dir,
+         "--train-dir", train_dir, "--seed", str(seed), *train_flags])
     with open(os.path.join(train_dir, "training_log.csv")) as file:
-        rates = [float(row["images_per_second"]) for row in csv.DictReader(file)]
-    return seconds, statistics.median(rates[1:] or rates)
+        epochs = list(csv.DictReader(file))
+    rates = [float(row["images_per_second"]) for row in epochs]
+    return (sum(float(row["epoch_seconds"]) for row in epochs), len(epochs),
+            statistics.median(rates[1:] or rates))
 
 
 def segment(test_raw_dir, train_dir, inference_dir, inference_flags):
@@ -132,24 +136,25 @@ def main():
                                                f"converted_{flags_key(convert_flags)}"),
                        convert_flags)
 
-    # The recipe: a fresh training run and inference for these flags.
-    run_dir = os.path.join(args.work_dir, data_key,
-                           f"{args.name}_{flags_key(convert_flags, train_flags, inference_flags)}")
-    train_dir, inference_dir = os.path.join(run_dir, "train"), os.path.join(run_dir, "inference")
-    if os.path.exists(train_dir):
-        subprocess.run(["rm", "-rf", train_dir], check=True)
-    train_seconds, img_s = train(data_dir, train_dir, args.seed, train_flags)
+    # The recipe: training for these flags (reused when it already ran), then inference.
+    train_dir = os.path.join(args.work_dir, data_key,
+                             f"train_{flags_key(convert_flags, train_flags)}")
+    inference_dir = os.path.join(
+        args.work_dir, data_key,
+        f"inference_{args.name}_{flags_key(convert_flags, train_flags, inference_flags)}")
+    train_seconds, epochs, img_s = train(data_dir, train_dir, args.seed, train_flags)
     inference_seconds, rows = segment(test_raw, train_dir, inference_dir, inference_flags)
     regions, worst = summarize(rows)
 
     result = {"name": args.name, "seed": args.seed, "train_cases": args.train_cases,
               "test_cases": args.test_cases, "convert_flags": convert_flags,
               "train_flags": train_flags, "inference_flags": inference_flags,
-              "regions": regions, "worst_case": worst, "train_seconds": train_seconds,
+              "regions": regions, "worst_case": worst, "epochs": epochs,
+              "train_seconds": train_seconds,
               "train_img_s": img_s, "inference_seconds": inference_seconds,
               "total_seconds": time.perf_counter() - started, "per_case": rows}
-    print(f"\n{args.name} (seed {args.seed}): {len(rows)} held-out cases; trained in "
-          f"{train_seconds / 60:.1f} min at {img_s:.1f} img/s")
+    print(f"\n{args.name} (seed {args.seed}): {len(rows)} held-out cases; {epochs} epochs "
+          f"trained in {train_seconds / 60:.1f} min at {img_s:.1f} img/s")
     print(f"{'region':<16} {'Dice mean':>9} {'median':>7} {'HD95 mean':>10} {'median':>7}")
     for region, figures in regions.items():
         print(f"{region:<16} {figures['dice_mean']:9.3f} {figures['dice_median']:7.3f} "

@@ -89,10 +89,12 @@ def score_case(case_id, num_slices, truth, prediction, regions, spacing):
     return row
 
 
-def whole_tumor_scores(row):
-    """The one-line summary of a case that inference prints."""
-    return (f"whole-tumor Dice {row['whole_tumor_dice']:.4f}  "
-            f"HD95 {row['whole_tumor_hd95_mm']:.1f} mm")
+def case_scores(row, regions):
+    """The one-line summary of a case that inference prints: Dice of every region, and the
+    whole tumor's HD95."""
+    dice = "  ".join(f"{region.replace('_', ' ')} {row[f'{region}_dice']:.3f}"
+                     for region in regions)
+    return f"Dice {dice}  (whole-tumor HD95 {row['whole_tumor_hd95_mm']:.1f} mm)"
 
 
 def summarize(rows, regions):

@@ -35,7 +35,7 @@ class Preprocessing:
     crop_size: int = 192
     crop_mode: str = "center"
     slice_policy: str = "brain"
-    label_mode: str = "whole_tumor"
+    label_mode: str = "regions"
     image_dtype: str = "float16"
 
     def __post_init__(self):

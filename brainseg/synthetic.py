@@ -1,7 +1,14 @@
 """Synthetic BraTS cases: four MRI modalities and a tumor segmentation in the BraTS layout.
 
 Real BraTS data is only handed out after registration (and a data-use agreement), so the
-demo and the tests run on these cases instead. Each case is a head phantom on the BraTS grid
+demo and the tests run on synthetic cases instead, of two kinds:
+- "realistic" (brainseg/phantom.py): real brain anatomy and gliomas as they look in BraTS,
+  with what mimics them; the demo and the accuracy benchmark use it;
+- "cartoon" (this module): fast and easy, for the unit tests, which check plumbing, not
+  accuracy (any U-Net segments it almost perfectly).
+Both are written here, in the files and folders of any release layout.
+
+The cartoon is a head phantom on the BraTS grid
 (240 x 240 x 155 voxels of 1 mm, axial slices last): scalp, skull, grey and white matter,
 ventricles and a CSF rim, with a tumor (sometimes two) of random position, size and shape.
 The tumor has the nested BraTS labels (2 edema outside, 4 enhancing rim, 1 necrotic core),
@@ -20,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from brainseg import atomic, layouts
+from brainseg import atomic, layouts, phantom
 
 CASE_PREFIX = "BraTS20_Training_"
 
@@ -247,11 +254,15 @@ def _save_nifti(volume, path):
     atomic.replace_atomically(path, write)
 
 
-def write_case(root, index, seed, shape=(240, 240, 155), layout="brats2020", with_labels=True):
+KINDS = ("cartoon", "realistic")
+
+
+def write_case(root, index, seed, shape=(240, 240, 155), layout="brats2020", with_labels=True,
+               kind="cartoon"):
     """Write case `index` in the files and folders of `layout` (see layouts.py), e.g.
     root/BraTS20_Training_001/BraTS20_Training_001_flair.nii.gz for brats2020. Without
     labels it looks like a validation release. Returns the case folder (or image file)."""
-    volumes = make_case(seed, shape)
+    volumes = phantom.make_case(seed, shape) if kind == "realistic" else make_case(seed, shape)
     name = case_id(index, layout)
     seg = layouts.to_release_labels(volumes.pop("seg"), layout)
     if layout == "msd":  # one 4-D image per case; labels in a parallel folder
@@ -297,9 +308,11 @@ def _case_seed(seed, index):
 
 
 def write_dataset(root, num_cases, seed, shape=(240, 240, 155), layout="brats2020",
-                  with_labels=True):
-    """Write cases 1..num_cases (overwriting) in `layout` and return their folders."""
-    written = [write_case(root, index, _case_seed(seed, index), shape, layout, with_labels)
+                  with_labels=True, kind="cartoon"):
+    """Write cases 1..num_cases (overwriting) of a kind in `layout`; returns their folders."""
+    if kind not in KINDS:
+        raise ValueError(f"synthetic kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    written = [write_case(root, index, _case_seed(seed, index), shape, layout, with_labels, kind)
                for index in tqdm(range(1, num_cases + 1), desc="synthetic cases", unit="case")]
     if layout == "msd":
         _write_msd_dataset_json(root, num_cases, with_labels)

@@ -123,3 +123,18 @@ def test_bfloat16_export_loads_for_inference_and_predicts_like_the_trained_model
     assert predicted.dtype == np.float32
     np.testing.assert_allclose(predicted, np.asarray(trained(images)), atol=1e-6)
     assert checkpoints.weights_fingerprint(loaded) == checkpoints.weights_fingerprint(trained)
+
+
+def test_the_export_describes_how_its_input_was_prepared(tmp_path):
+    description = {"preprocessing": {"image_size": 16, "crop_size": 48, "crop_mode": "center",
+                                     "slice_policy": "all", "label_mode": "whole_tumor",
+                                     "image_dtype": "float16"},
+                   "modalities": ["flair", "t1", "t1ce", "t2"], "regions": ["whole_tumor"]}
+    trained = compiled_unet(steps=1)
+    checkpoints.export_for_inference(trained, str(tmp_path / "model.keras"), description)
+    assert checkpoints.read_description(str(tmp_path / "model.keras")) == description
+    loaded = keras.models.load_model(tmp_path / "model.keras", compile=False, safe_mode=True)
+    assert checkpoints.weights_fingerprint(loaded) == checkpoints.weights_fingerprint(trained)
+    checkpoints.export_for_inference(trained, str(tmp_path / "plain.keras"))
+    assert checkpoints.read_description(str(tmp_path / "plain.keras")) is None
+    assert checkpoints.describe(None) is None

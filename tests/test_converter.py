@@ -37,7 +37,8 @@ def test_arrays_have_expected_shapes_and_dtypes(converted_dir):
         entries = manifest(converted_dir)["splits"][split]
         assert len(imgs) == sum(len(entry["slices"]) for entry in entries)
         assert imgs.shape[1:] == (SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE, 4)
-        assert msks.shape[1:] == (SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE, 1)
+        # the default label mode, "regions": whole tumor, tumor core, enhancing tumor
+        assert msks.shape[1:] == (SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE, 3)
         assert imgs.dtype == np.float16 and msks.dtype == np.uint8
         assert set(np.unique(msks)) <= {0, 1}
         assert np.isfinite(imgs).all()
@@ -75,7 +76,8 @@ def test_manifest_records_layout_labels_and_preprocessing(converted_dir):
     assert content["layout"] == "brats2020"
     assert content["label_map"] == {"0": 0, "1": 1, "2": 2, "4": 4}
     assert content["preprocessing"]["image_size"] == SMALL_IMAGE_SIZE
-    assert content["targets"] == ["whole_tumor"] and content["skipped"] == []
+    assert content["targets"] == ["whole_tumor", "tumor_core", "enhancing_tumor"]
+    assert content["skipped"] == []
 
 
 def test_split_is_deterministic_for_a_seed():

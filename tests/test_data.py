@@ -142,3 +142,23 @@ def test_a_truncated_array_file_is_named(tmp_path):
     np.testing.assert_array_equal(read(2), 0)
     with pytest.raises(ValueError, match="imgs_train.npy.*row 3"):
         read(3)
+
+
+def test_intensity_augmentation_scales_and_shifts_each_modality_inside_the_brain():
+    rng = np.random.default_rng(3)
+    image = np.zeros((8, 8, 4), np.float32)
+    image[2:6, 2:6] = rng.normal(size=(4, 4, 4))
+    mask = (image[..., :1] > 0).astype(np.float32)
+    plain_image, plain_mask = data.augment(image, mask, np.array([5, 1]))
+    changed_image, changed_mask = data.augment(image, mask, np.array([5, 1]), intensity=0.2)
+    np.testing.assert_array_equal(changed_mask, plain_mask)  # same flips and rotations
+    plain_image, changed_image = plain_image.numpy(), changed_image.numpy()
+    brain = plain_image.any(axis=-1)
+    assert not changed_image[~brain].any()  # the background stays 0
+    for channel in range(4):
+        scale, shift = np.polyfit(plain_image[brain][:, channel], changed_image[brain][:, channel],
+                                  1)
+        assert abs(scale - 1) <= 0.2 + 1e-5 and abs(shift) <= 0.2 + 1e-5
+        assert abs(scale - 1) > 1e-4 or abs(shift) > 1e-4
+    other, _ = data.augment(image, mask, np.array([6, 1]), intensity=0.2)
+    assert not np.allclose(np.sort(other.numpy().ravel()), np.sort(changed_image.ravel()))

@@ -3,14 +3,14 @@ implementation, NIfTI in and out on the scan's grid, release label conventions, 
 import csv
 import os
 
+import keras
 import nibabel as nib
 import numpy as np
 import pytest
 
 import inference
-from brainseg import metrics
 import model as unet
-from brainseg import synthetic
+from brainseg import metrics, synthetic
 from conftest import SMALL_IMAGE_SIZE, SMALL_SHAPE
 
 # --- Metrics ---------------------------------------------------------------------------------
@@ -42,11 +42,13 @@ def test_a_case_folder_is_segmented_on_its_own_grid(checkpoint, converted_dir, r
     assert segmentation.shape == scan.shape == SMALL_SHAPE
     np.testing.assert_array_equal(segmentation.affine, scan.affine)
     assert segmentation.header.get_zooms() == scan.header.get_zooms()
-    assert set(np.unique(np.asarray(segmentation.dataobj))) <= {0, 1}  # a whole-tumor model
+    labels = np.asarray(segmentation.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3}  # a regions model; BraTS 2023 labels
     probabilities = nib.load(tmp_path / "BraTS-GLI-00001-000_probabilities.nii.gz").get_fdata()
-    assert probabilities.shape == SMALL_SHAPE
+    assert probabilities.shape == (*SMALL_SHAPE, 3)
     assert 0 <= probabilities.min() <= probabilities.max() <= 1
-    np.testing.assert_array_equal(np.asarray(segmentation.dataobj), probabilities > 0.5)
+    np.testing.assert_array_equal(labels > 0, (probabilities > 0.5).any(axis=-1))  # nested
+    np.testing.assert_array_equal(labels == 3, probabilities[..., 2] > 0.5)  # enhancing
     with open(tmp_path / "per_case_metrics.csv") as file:
         [row] = list(csv.DictReader(file))
     truth = np.asarray(nib.load(case_dir / "BraTS-GLI-00001-000-seg.nii.gz").dataobj) > 0
@@ -135,3 +137,42 @@ def test_a_file_that_is_not_a_model_is_refused_naming_it(converted_dir, tmp_path
     with pytest.raises(SystemExit, match=f"{tmp_path / 'model.keras'}: not a loadable Keras model"):
         inference.main(["--data-dir", str(converted_dir), "--checkpoint",
                         str(tmp_path / "model.keras"), "--output-dir", str(tmp_path / "out")])
+
+
+def test_the_checkpoint_says_how_to_prepare_cases_without_the_training_data(
+        checkpoint, release, tmp_path, capsys):
+    """On a machine without the training data folder, the exported model itself tells
+    inference how its slices were made; a model that does not is used with a warning."""
+    arguments = ["--input", str(release / "BraTS-GLI-00001-000"), "--data-dir",
+                 str(tmp_path / "no_data_here")]
+    inference.main(arguments + ["--checkpoint", checkpoint, "--output-dir", str(tmp_path / "a")])
+    output = capsys.readouterr().out
+    assert f"preprocessing from {checkpoint}: " in output and "WARNING" not in output
+    assert os.path.exists(tmp_path / "a" / "BraTS-GLI-00001-000_seg.nii.gz")
+    plain = keras.models.load_model(checkpoint, compile=False)
+    plain.save(tmp_path / "plain.keras")  # plain Keras: no description
+    inference.main(arguments + ["--checkpoint", str(tmp_path / "plain.keras"), "--output-dir",
+                                str(tmp_path / "b")])
+    output = capsys.readouterr().out
+    assert "does not say how its training data was prepared" in output
+    assert "preprocessing from the flags" in output
+
+
+def test_small_enhancement_is_written_as_core_when_post_processing_asks(converted_dir, release,
+                                                                        tmp_path):
+    net = unet.build_unet(SMALL_IMAGE_SIZE, 4, 3, base_filters=4, depth=2)
+    output_layer = net.layers[-1]
+    output_layer.kernel.assign(np.zeros(output_layer.kernel.shape))
+    output_layer.bias.assign([3.0, 3.0, 3.0])  # every region everywhere in the brain
+    net.save(tmp_path / "regions.keras")
+    inference.main(["--input", str(release), "--checkpoint", str(tmp_path / "regions.keras"),
+                    "--data-dir", str(converted_dir), "--output-dir", str(tmp_path / "out"),
+                    "--min-enhancing-mm3", "1e9"])
+    labels = np.asarray(nib.load(tmp_path / "out" / "BraTS-GLI-00002-000_seg.nii.gz").dataobj)
+    assert set(np.unique(labels)) == {0, 1}  # enhancing (3 in BraTS 2023) became core (1)
+    with open(tmp_path / "out" / "per_case_metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    # Scored as written: no enhancing tumor predicted, so Dice 0 where the truth has some
+    # (the model's own enhancing channel overlapped it) and 1 where it has none.
+    dice = [float(row["enhancing_tumor_dice"]) for row in rows]
+    assert set(dice) <= {0.0, 1.0} and 0.0 in dice

@@ -70,3 +70,22 @@ def test_bce_dice_loss_adds_cross_entropy():
     expected = bce + float(unet.soft_dice_loss(truth, prediction))
     assert float(unet.bce_dice_loss(truth, prediction)) == pytest.approx(expected, rel=1e-4)
     assert float(unet.bce_dice_loss(truth, truth)) < 1e-3
+
+
+def test_per_region_dice_loss_weighs_every_region_equally():
+    """A large region found perfectly and a small one missed: one Dice pooled over both
+    hardly notices the miss; the mean of per-region Dice terms halves the score."""
+    truth = np.zeros((1, 8, 8, 2), np.float32)
+    truth[0, :, :6, 0] = 1  # 48 pixels of "whole tumor"
+    truth[0, :2, 6:, 1] = 1  # 4 pixels of "enhancing tumor"
+    prediction = truth.copy()
+    prediction[..., 1] = 0  # the small region missed
+    pooled = float(unet.soft_dice_loss(truth, prediction))
+    per_region = float(unet.soft_dice_loss(truth, prediction, per_region=True))
+    each = [float(unet.soft_dice_loss(truth[..., k:k + 1], prediction[..., k:k + 1]))
+            for k in range(2)]
+    assert per_region == pytest.approx(np.mean(each))
+    assert pooled < 0.05 and per_region > 0.35  # (1 - 97/101) against (0 + (1 - 1/5)) / 2
+    single = truth[..., :1]  # with one region both are the same loss
+    assert float(unet.soft_dice_loss(single, prediction[..., :1], per_region=True)) == \
+        pytest.approx(float(unet.soft_dice_loss(single, prediction[..., :1])))

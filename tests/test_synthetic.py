@@ -163,3 +163,14 @@ def test_command_line_writes_the_requested_cases(tmp_path, capsys):
     assert image.shape == (32, 32, 20)
     output = capsys.readouterr().out
     assert "seed 5" in output and str(tmp_path) in output
+
+
+def test_realistic_kind_writes_brats_cases_and_an_unknown_kind_is_refused(tmp_path):
+    folders = write_dataset(str(tmp_path), 2, seed=3, shape=SMALL_SHAPE, kind="realistic")
+    assert [os.path.basename(f) for f in folders] == [case_id(1), case_id(2)]
+    seg = np.asarray(nib.load(tmp_path / case_id(1) / f"{case_id(1)}_seg.nii.gz").dataobj)
+    cartoon = make_case(synthetic._case_seed(3, 1), SMALL_SHAPE)["seg"]
+    assert seg.shape == SMALL_SHAPE and set(np.unique(seg)) <= {0, 1, 2, 4} and seg.any()
+    assert not np.array_equal(seg, cartoon)
+    with pytest.raises(ValueError, match="realistic"):
+        write_dataset(str(tmp_path), 1, seed=3, shape=SMALL_SHAPE, kind="photographic")
