@@ -11,7 +11,14 @@ Empty masks follow the BraTS convention:
     rather than infinity or NaN, so means and medians stay defined and a miss costs the most.
 Sensitivity is 1 when the truth is empty (no tumor was missed); specificity is computed over
 the whole volume.
+
+lesion_wise() adds the lesion-wise Dice and HD95 of the official BraTS evaluation package
+(brats-evaluation on panoptica); how its conventions differ from the ones above is in
+docs/official_metrics.md.
 """
+import functools
+import warnings
+
 import numpy as np
 import scipy.ndimage
 
@@ -115,3 +122,88 @@ def format_summary(summary):
     lines += [f"{s['region']:<16} {s['metric']:<12} {s['mean']:8.4f} {s['median']:8.4f} "
               f"{s['std']:8.4f}" for s in summary]
     return "\n".join(lines)
+
+
+# The project's regions -> the region groups of the official BraTS glioma configuration.
+OFFICIAL_REGIONS = {"whole_tumor": "wt", "tumor_core": "tc", "enhancing_tumor": "et"}
+OFFICIAL_HD95_CAP_MM = 373.0  # what the official parsers put for an infinite or missing HD95
+
+
+@functools.lru_cache(maxsize=1)
+def _official_evaluator():
+    """The panoptica evaluator with brats-evaluation's glioma configuration (config_gli.yaml:
+    labels 1 NETC, 2 SNFH, 3 ET; wt = 1+2+3, tc = 1+3, et = 3). The file is found without
+    importing brats_evaluation, whose __init__ pulls in its pandas-based parsers."""
+    import contextlib
+    import importlib.util
+    import io
+    import os
+
+    import panoptica
+    panoptica.disable_citation_reminder()
+    package_dir = importlib.util.find_spec("brats_evaluation").submodule_search_locations[0]
+    config = os.path.join(package_dir, "configs", "config_gli.yaml")
+    # Loading prints that labels 1-3 are in several groups (wt, tc, et overlap by design).
+    with contextlib.redirect_stdout(io.StringIO()):
+        return panoptica.Panoptica_Evaluator.load_from_config(config)
+
+
+def lesion_wise(truth_labels, prediction_labels, spacing):
+    """Lesion-wise scores of one case, computed by the official BraTS evaluation package.
+
+    truth_labels, prediction_labels: [X, Y, Z] label maps in the project's convention (0, 1
+    necrotic/non-enhancing core, 2 edema, 4 enhancing tumor); spacing: voxel size in mm per
+    axis of the arrays. They are passed to panoptica with the official glioma configuration
+    after label 4 becomes 3 (the BraTS 2023 convention that configuration expects).
+    Returns {region: scores} for whole_tumor, tumor_core and enhancing_tumor, where scores has
+      tp, fp, fn: matched lesions, unmatched predicted lesions, missed true lesions;
+      dice, hd95_mm: lesion-wise Dice and HD95 (mm) in the sense BraTS ranks by since 2023:
+        the mean over every true lesion and every false-positive lesion, a missed lesion or
+        a false positive counting Dice 0 and HD95 373 mm; this is the arithmetic of the
+        package's `brats-parse-metrics mets` with --vol_threshold 0 (every lesion counts).
+        (BraTS 2023's own scripts put 374 and dilated the true lesions first; this does not);
+      matched_dice, matched_hd95_mm: the mean over matched lesions only, what the package's
+        `brats-parse-metrics seg` (glioma and the other non-metastasis tasks) reports as
+        lesionwise_dsc_mean / lesionwise_hd95_mean: misses and false positives do not lower
+        it. With no match but some lesion: 0 and inf (the parser leaves that inf).
+    Conventions of the package: a lesion is a 26-connected component of the region (cc3d),
+    without dilation; predicted and true lesions are paired one to one by the maximum
+    bipartite matching of their Dice, any overlap qualifying, so a second predicted fragment
+    of the same lesion is a false positive. Each pair's Dice and HD95 are computed on the
+    two lesions alone (HD95 in mm with this spacing). A region with no true lesion gives NaN
+    for dice and hd95_mm (even with false positives, as the official parser does) and NaN
+    for matched_dice and matched_hd95_mm when there is no lesion at all.
+    """
+    from brainseg import layouts
+
+    arrays = []
+    for labels in (truth_labels, prediction_labels):
+        labels = np.asarray(labels)
+        unknown = set(np.unique(labels).tolist()) - set(layouts.INTERNAL_LABELS)
+        if unknown:
+            raise ValueError(f"labels {sorted(unknown)} are not in the project's convention "
+                             f"{sorted(layouts.INTERNAL_LABELS)}")
+        arrays.append(layouts.to_release_labels(labels.astype(np.uint8), "brats2023"))
+    truth, prediction = arrays
+    with warnings.catch_warnings():
+        # panoptica warns about the NSD threshold it computes but these scores do not use.
+        warnings.filterwarnings("ignore", message="The threshold is set to 0.5")
+        results = _official_evaluator().evaluate(
+            prediction, truth, voxelspacing=tuple(float(s) for s in spacing),
+            skip_groups=["netc", "snfh", "rc"])
+    scores = {}
+    for region, group in OFFICIAL_REGIONS.items():
+        result = results[group].to_dict(True)
+        tp, fp, fn = int(result["tp"]), int(result["fp"]), int(result["fn"])
+        matched = [lesion for lesion in result["reference_instances"] if lesion["is_matched"]]
+        if tp + fn == 0:
+            dice = hd95 = float("nan")
+        else:
+            penalized = fp + fn
+            dice = sum(lesion["sq_dsc"] for lesion in matched) / (tp + penalized)
+            hd95 = (sum(lesion["sq_hd95"] for lesion in matched)
+                    + OFFICIAL_HD95_CAP_MM * penalized) / (tp + penalized)
+        scores[region] = {"tp": tp, "fp": fp, "fn": fn, "dice": float(dice),
+                          "hd95_mm": float(hd95), "matched_dice": float(result["sq_dsc"]),
+                          "matched_hd95_mm": float(result["sq_hd95"])}
+    return scores

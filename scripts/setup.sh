@@ -78,10 +78,14 @@ install_python_packages() {
     fi
     log "installing pinned Python packages"
     # TensorFlow first: the Horovod build compiles against it.
-    grep -v '^horovod==' "$requirements" | "$venv_dir/bin/pip" install -q -r /dev/stdin
+    grep -v -e '^horovod==' -e '# no-deps' "$requirements" | "$venv_dir/bin/pip" install -q -r /dev/stdin
     wheel_dir="$(build_horovod_wheel)"
     "$venv_dir/bin/pip" install -q --no-deps --find-links "$wheel_dir" "horovod==$horovod_version"
-    "$venv_dir/bin/pip" install -q --find-links "$wheel_dir" -r "$requirements"
+    grep -v '# no-deps' "$requirements" \
+        | "$venv_dir/bin/pip" install -q --find-links "$wheel_dir" -r /dev/stdin
+    # Lines marked no-deps declare bounds that would move the pins (see requirements.txt):
+    # installed alone, their dependencies being the pinned lines.
+    grep '# no-deps' "$requirements" | "$venv_dir/bin/pip" install -q --no-deps -r /dev/stdin
     echo "$wanted" > "$stamp"
 }
 
