@@ -5,6 +5,7 @@ PYTHON := .venv/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 DEMO_RAW := data/raw
 DEMO_DATA := data/converted
+DEMO_EPOCHS := 4  # settings.EPOCHS is 12: the demo trains a third of the recipe to stay quick
 
 .PHONY: setup demo test clean bench-training bench-precision test-multihost bench-multihost
 
@@ -14,7 +15,7 @@ setup:
 demo: setup
 	$(PYTHON) synthetic_brats.py --raw-dir $(DEMO_RAW)
 	$(PYTHON) converter.py --raw-dir $(DEMO_RAW) --data-dir $(DEMO_DATA)
-	./run_multinode.sh -- --data-dir $(DEMO_DATA) --train-dir runs/train
+	./run_multinode.sh -- --data-dir $(DEMO_DATA) --train-dir runs/train --epochs $(DEMO_EPOCHS)
 	$(PYTHON) inference.py --data-dir $(DEMO_DATA) --train-dir runs/train \
 		--inference-dir runs/inference --overwrite
 
