@@ -30,8 +30,8 @@ from brainseg.atomic import OutputFolder
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "CHECKPOINT", "INFERENCE_DIR", "INFERENCE_BATCH_SIZE",
             "INFERENCE_PRECISION", "TEST_TIME_FLIPS", "MIN_LESION_MM3", "MIN_ENHANCING_MM3",
-            "NUM_FIGURES", "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "CROP_SIZE", "CROP_MODE",
-            "SLICE_POLICY"]
+            "LESION_WISE", "NUM_FIGURES", "NUM_INTRA_THREADS", "NUM_INTER_THREADS",
+            "CROP_SIZE", "CROP_MODE", "SLICE_POLICY"]
 # Earlier spellings of the flags, still accepted (the README used them).
 ALIASES = {"INFERENCE_DIR": ["--output-dir"], "INFERENCE_BATCH_SIZE": ["--batch-size"],
            "INFERENCE_PRECISION": ["--precision"]}
@@ -43,6 +43,7 @@ HELP = {"DATA_DIR": "converted arrays (with --input: only used for a checkpoint 
         "TEST_TIME_FLIPS": "average the prediction with that of the left-right mirror image",
         "MIN_LESION_MM3": "remove predicted tumor components smaller than this; 0: keep all",
         "MIN_ENHANCING_MM3": "less enhancing tumor than this becomes core; 0: keep it",
+        "LESION_WISE": "also score lesion-wise Dice and HD95 (the official BraTS package)",
         "CROP_SIZE": "with --input, for a checkpoint without its preprocessing and no manifest",
         "CROP_MODE": "with --input, for a checkpoint without its preprocessing and no manifest",
         "SLICE_POLICY": "with --input, for a checkpoint without its preprocessing and no "
@@ -92,6 +93,15 @@ def predict(model, imgs, batch_size, flips=False):
         probabilities[start:start + batch_size] = predicted
         seconds += time.perf_counter() - started
     return probabilities, seconds
+
+
+def lesion_scores(truth, labels, spacing, label_mode, args):
+    """Lesion-wise scores of the written label map when asked for (regions models only):
+    truth is the [..., K] target channels, turned back into labels for the package."""
+    if not args.LESION_WISE or label_mode != "regions":
+        return None
+    return metrics.lesion_wise(preprocessing.labels_from_targets(truth, label_mode), labels,
+                               spacing)
 
 
 def segmentation(masks, spacing, label_mode, args):
@@ -144,9 +154,11 @@ def infer_arrays(model, args, output):
         spacing = preprocessing.slice_spacing(entry.get("spacing", [1.0, 1.0, 1.0]),
                                               entry["crop_box"][2], options.image_size)
         truth = msks[first:end].astype(bool)
-        _, prediction = segmentation(predictions[first:end], spacing, options.label_mode, args)
+        labels, prediction = segmentation(predictions[first:end], spacing, options.label_mode,
+                                          args)
         predictions[first:end] = prediction
-        row = metrics.score_case(entry["case"], end - first, truth, prediction, regions, spacing)
+        row = metrics.score_case(entry["case"], end - first, truth, prediction, regions, spacing,
+                                 lesion_scores(truth, labels, spacing, options.label_mode, args))
         rows.append(row)
         print(f"  {entry['case']:<28} {row['slices']:4d} slices  "
               f"{metrics.case_scores(row, regions)}")
@@ -212,7 +224,8 @@ def segment_case(model, case, options, args, output):
         return None, None
     truth = preprocessing.targets(labels, options.label_mode).astype(bool)
     row = metrics.score_case(case.case_id, len(imgs), truth, masks, options.target_names,
-                             spacing)
+                             spacing,
+                             lesion_scores(truth, internal, spacing, options.label_mode, args))
     print(f"  {metrics.case_scores(row, options.target_names)}")
     return row, (np.moveaxis(image[..., FLAIR], 2, 0), np.moveaxis(truth, 2, 0),
                  np.moveaxis(masks, 2, 0), options.target_names)

@@ -125,3 +125,6 @@ TEST_TIME_FLIPS = False
 # Post-processing of the predicted label map (brainseg/postprocessing.py); 0 turns a rule off.
 MIN_LESION_MM3 = 0.0  # tumor components smaller than this (mm^3) are removed
 MIN_ENHANCING_MM3 = 0.0  # a case with less enhancing tumor than this gets none (it becomes core)
+# Lesion-wise Dice and HD95 beside the per-case figures (BraTS ranks by them since 2023),
+# computed by the official package (brats-evaluation, panoptica): a few seconds per case.
+LESION_WISE = True

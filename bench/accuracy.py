@@ -23,6 +23,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import shlex
 import statistics
@@ -100,6 +101,13 @@ def summarize(rows):
                            "dice_median": statistics.median(dice),
                            "hd95_mean_mm": statistics.fmean(hd95),
                            "hd95_median_mm": statistics.median(hd95)}
+        if f"{region}_lesion_dice" in rows[0]:  # NaN where the case has no such lesion
+            lesion_dice = [row[f"{region}_lesion_dice"] for row in rows
+                           if not math.isnan(row[f"{region}_lesion_dice"])]
+            lesion_hd95 = [row[f"{region}_lesion_hd95_mm"] for row in rows
+                           if not math.isnan(row[f"{region}_lesion_hd95_mm"])]
+            regions[region].update(lesion_dice_mean=statistics.fmean(lesion_dice),
+                                   lesion_hd95_mean_mm=statistics.fmean(lesion_hd95))
     worst = min(rows, key=lambda row: row["whole_tumor_dice"])
     return regions, {"case": worst["case"], "whole_tumor_dice": worst["whole_tumor_dice"],
                      **{f"{region}_dice": worst[f"{region}_dice"] for region in regions}}
@@ -155,10 +163,13 @@ def main():
               "total_seconds": time.perf_counter() - started, "per_case": rows}
     print(f"\n{args.name} (seed {args.seed}): {len(rows)} held-out cases; {epochs} epochs "
           f"trained in {train_seconds / 60:.1f} min at {img_s:.1f} img/s")
-    print(f"{'region':<16} {'Dice mean':>9} {'median':>7} {'HD95 mean':>10} {'median':>7}")
+    print(f"{'region':<16} {'Dice mean':>9} {'median':>7} {'HD95 mean':>10} {'median':>7} "
+          f"{'lesion-wise Dice':>17} {'HD95':>7}")
     for region, figures in regions.items():
         print(f"{region:<16} {figures['dice_mean']:9.3f} {figures['dice_median']:7.3f} "
-              f"{figures['hd95_mean_mm']:8.1f}mm {figures['hd95_median_mm']:5.1f}mm")
+              f"{figures['hd95_mean_mm']:8.1f}mm {figures['hd95_median_mm']:5.1f}mm "
+              f"{figures.get('lesion_dice_mean', math.nan):17.3f} "
+              f"{figures.get('lesion_hd95_mean_mm', math.nan):5.1f}mm")
     print(f"worst case {worst['case']}: whole-tumor Dice {worst['whole_tumor_dice']:.3f}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

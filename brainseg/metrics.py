@@ -23,6 +23,9 @@ import numpy as np
 import scipy.ndimage
 
 METRIC_NAMES = ("dice", "hd95_mm", "sensitivity", "specificity")
+# Lesion-wise Dice and HD95 (lesion_wise(), the official package's definition, how BraTS
+# ranks since 2023), reported beside the per-case figures when computed.
+LESION_METRIC_NAMES = ("lesion_dice", "lesion_hd95_mm")
 
 
 def dice_from_sums(intersection, total, smooth=0.0):
@@ -86,13 +89,17 @@ def region_metrics(truth, prediction, spacing):
             "specificity": specificity(truth, prediction)}
 
 
-def score_case(case_id, num_slices, truth, prediction, regions, spacing):
+def score_case(case_id, num_slices, truth, prediction, regions, spacing, lesions=None):
     """A per-case metrics row: every metric of every region (channel k of the [..., K]
-    masks), on a grid of the given voxel spacing in mm."""
+    masks), on a grid of the given voxel spacing in mm; with `lesions` (lesion_wise() of the
+    case's label maps), the lesion-wise Dice and HD95 of each region too."""
     row = {"case": case_id, "slices": num_slices}
     for k, region in enumerate(regions):
         scores = region_metrics(truth[..., k], prediction[..., k], spacing)
         row.update({f"{region}_{name}": value for name, value in scores.items()})
+        if lesions is not None:
+            row[f"{region}_lesion_dice"] = lesions[region]["dice"]
+            row[f"{region}_lesion_hd95_mm"] = lesions[region]["hd95_mm"]
     return row
 
 
@@ -105,11 +112,18 @@ def case_scores(row, regions):
 
 
 def summarize(rows, regions):
-    """[{region, metric, mean, median, std}] over the per-case rows of each region."""
+    """[{region, metric, mean, median, std, cases}] over the per-case rows of each region.
+    Lesion-wise figures are undefined (NaN) for a case without any true lesion of a region:
+    they are left out of that region's statistics, and `cases` counts the rest."""
     summary = []
     for region in regions:
-        for metric in METRIC_NAMES:
+        for metric in METRIC_NAMES + LESION_METRIC_NAMES:
+            if f"{region}_{metric}" not in rows[0]:
+                continue
             values = np.array([row[f"{region}_{metric}"] for row in rows], dtype=float)
+            values = values[~np.isnan(values)]
+            if not len(values):
+                continue
             summary.append({"region": region, "metric": metric, "mean": values.mean(),
                             "median": float(np.median(values)), "std": values.std(),
                             "cases": len(values)})

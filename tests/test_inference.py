@@ -10,7 +10,7 @@ import pytest
 
 import inference
 import model as unet
-from brainseg import metrics, synthetic
+from brainseg import layouts, metrics, synthetic
 from conftest import SMALL_IMAGE_SIZE, SMALL_SHAPE
 
 # --- Metrics ---------------------------------------------------------------------------------
@@ -51,9 +51,16 @@ def test_a_case_folder_is_segmented_on_its_own_grid(checkpoint, converted_dir, r
     np.testing.assert_array_equal(labels == 3, probabilities[..., 2] > 0.5)  # enhancing
     with open(tmp_path / "per_case_metrics.csv") as file:
         [row] = list(csv.DictReader(file))
-    truth = np.asarray(nib.load(case_dir / "BraTS-GLI-00001-000-seg.nii.gz").dataobj) > 0
+    truth_labels = np.asarray(nib.load(case_dir / "BraTS-GLI-00001-000-seg.nii.gz").dataobj)
     assert float(row["whole_tumor_dice"]) == pytest.approx(
-        metrics.dice(truth, np.asarray(segmentation.dataobj) > 0))
+        metrics.dice(truth_labels > 0, np.asarray(segmentation.dataobj) > 0))
+    # Lesion-wise scores of what was written, by the official package, beside the others.
+    lesions = metrics.lesion_wise(layouts.to_internal_labels(truth_labels, "brats2023"),
+                                  layouts.to_internal_labels(labels, "brats2023"),
+                                  scan.header.get_zooms())
+    for region in ("whole_tumor", "tumor_core", "enhancing_tumor"):
+        assert float(row[f"{region}_lesion_dice"]) == pytest.approx(
+            lesions[region]["dice"], nan_ok=True)
     assert os.path.exists(tmp_path / "BraTS-GLI-00001-000_montage.png")
     assert os.path.exists(tmp_path / "dice_distribution.png")
 

@@ -75,3 +75,16 @@ def test_summary_has_mean_median_and_std():
     dice_summary = metrics.summarize(rows, ["whole_tumor"])[0]
     assert (dice_summary["mean"], dice_summary["median"]) == pytest.approx((0.7, 0.7))
     assert dice_summary["std"] == pytest.approx(np.std([0.5, 0.7, 0.9]))
+
+
+def test_summary_leaves_out_undefined_lesion_wise_figures():
+    rows = [{"whole_tumor_dice": 0.8, "whole_tumor_hd95_mm": 2.0, "whole_tumor_sensitivity": 1,
+             "whole_tumor_specificity": 1, "whole_tumor_lesion_dice": lesion_dice,
+             "whole_tumor_lesion_hd95_mm": lesion_hd95}
+            for lesion_dice, lesion_hd95 in ((0.5, 10.0), (float("nan"), float("nan")),
+                                             (0.7, 20.0))]
+    summary = {s["metric"]: s for s in metrics.summarize(rows, ["whole_tumor"])}
+    assert summary["dice"]["cases"] == 3
+    assert summary["lesion_dice"]["cases"] == 2
+    assert summary["lesion_dice"]["mean"] == pytest.approx(0.6)
+    assert summary["lesion_hd95_mm"]["median"] == pytest.approx(15.0)
