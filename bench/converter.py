@@ -91,7 +91,7 @@ def main():
         for workers in (1, args.workers):
             rows.append(measure(f"streaming, {workers} worker(s)",
                                 [PYTHON, "converter.py", "--raw-dir", raw[count],
-                                 "--out-dir", out_dir, "--workers", str(workers),
+                                 "--data-dir", out_dir, "--convert-workers", str(workers),
                                  "--slice-policy", "all"], count))
         if not args.skip_seed_style:
             rows.append(measure("seed project's approach",

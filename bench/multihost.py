@@ -57,10 +57,10 @@ def parse_args(argv):
 def make_data(scratch, image_size):
     raw_dir, data_dir = os.path.join(scratch, "raw"), os.path.join(scratch, "converted")
     crop = image_size * 3 // 2
-    subprocess.run([PYTHON, "synthetic_brats.py", "--out-dir", raw_dir, "--num-cases", "6",
-                    "--shape", str(crop), str(crop), "32"], cwd=REPO_DIR, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    subprocess.run([PYTHON, "converter.py", "--raw-dir", raw_dir, "--out-dir", data_dir,
+    subprocess.run([PYTHON, "synthetic_brats.py", "--raw-dir", raw_dir,
+                    "--synthetic-num-cases", "6", "--synthetic-shape", str(crop), str(crop), "32"],
+                   cwd=REPO_DIR, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([PYTHON, "converter.py", "--raw-dir", raw_dir, "--data-dir", data_dir,
                     "--image-size", str(image_size), "--crop-size", str(crop)], cwd=REPO_DIR,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return data_dir
@@ -71,7 +71,7 @@ def train_on(cluster, num_hosts, args, data_dir, output_dir):
     hosts_file = cluster.write_hosts_file(os.path.join(output_dir + ".hosts"), num_hosts)
     command = [LAUNCHER, "--hosts", hosts_file, "--agent", netns.AGENT,
                "--network", cluster.subnet, "--",
-               "--data-dir", data_dir, "--output-dir", output_dir,
+               "--data-dir", data_dir, "--train-dir", output_dir,
                "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
                "--batch-size", str(args.BATCH_SIZE), "--base-filters", str(args.BASE_FILTERS),
                "--depth", str(args.DEPTH), "--precision", args.PRECISION,

@@ -35,14 +35,15 @@ def run(command):
 def synthetic_data(work_dir, num_cases):
     """Synthetic cases as `make demo` makes them, converted to slice arrays."""
     raw_dir, data_dir = os.path.join(work_dir, "raw"), os.path.join(work_dir, "converted")
-    run([PYTHON, "synthetic_brats.py", "--out-dir", raw_dir, "--num-cases", str(num_cases)])
-    run([PYTHON, "converter.py", "--raw-dir", raw_dir, "--out-dir", data_dir])
+    run([PYTHON, "synthetic_brats.py", "--raw-dir", raw_dir, "--synthetic-num-cases",
+         str(num_cases)])
+    run([PYTHON, "converter.py", "--raw-dir", raw_dir, "--data-dir", data_dir])
     return data_dir
 
 
 def train(data_dir, output_dir, precision, epochs):
     run(["./run_multinode.sh", "--no-preflight", "--", "--data-dir", data_dir,
-         "--output-dir", output_dir, "--precision", precision, "--epochs", str(epochs),
+         "--train-dir", output_dir, "--precision", precision, "--epochs", str(epochs),
          "--early-stopping-patience", "0"])
     with open(os.path.join(output_dir, "training_log.csv")) as file:
         epochs_logged = list(csv.DictReader(file))

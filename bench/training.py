@@ -88,7 +88,7 @@ def run(command, env=None, timeout=900):
 def train_flags(args, data_dir, output_dir, precision, threads):
     """Two epochs of args.steps steps: the first warms up (graph tracing, oneDNN kernel
     selection, tf.data autotuning), the second is measured."""
-    return ["--data-dir", data_dir, "--output-dir", output_dir, "--epochs", "2",
+    return ["--data-dir", data_dir, "--train-dir", output_dir, "--epochs", "2",
             "--steps-per-epoch", str(args.steps), "--batch-size", str(args.batch_size),
             "--precision", precision, "--num-intra-threads", str(threads),
             "--num-inter-threads", "1", "--early-stopping-patience", "0",
