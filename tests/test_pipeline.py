@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_DIR, run, weights_fingerprints
+from conftest import REPO_DIR, TINY_MODEL, run, weights_fingerprints
 
 
 def test_two_workers_train_and_the_loss_goes_down(trained_run):
@@ -29,6 +29,24 @@ def test_both_workers_end_with_identical_weights(trained_run):
     fingerprints = weights_fingerprints(stdout)
     assert set(fingerprints) == {"0", "1"}, stdout
     assert fingerprints["0"] == fingerprints["1"]
+
+
+def test_rerunning_a_finished_run_returns_without_building_a_model(trained_run,
+                                                                  converted_dir):
+    """The same command again: both ranks read the finished state, say so and stop before
+    the data pipeline or a model exists, and nothing in the output folder changes."""
+    output_dir, _ = trained_run
+    before = {name: os.path.getmtime(os.path.join(output_dir, name))
+              for name in os.listdir(output_dir)}
+    result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
+                  "--data-dir", str(converted_dir), "--train-dir", str(output_dir),
+                  "--epochs", "4", "--learning-rate", "3e-3", *TINY_MODEL], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{output_dir} holds a finished run (epoch 4); nothing to train" in result.stdout
+    assert "weights fingerprint" not in result.stdout  # no model was built or restored
+    assert "steps per epoch" in result.stdout  # the only data read: the arrays' headers
+    assert before == {name: os.path.getmtime(os.path.join(output_dir, name))
+                      for name in os.listdir(output_dir)}
 
 
 def test_inference_on_the_saved_checkpoint_prints_a_dice(trained_run, converted_dir, tmp_path):
