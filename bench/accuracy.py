@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.accuracy --json runs/bench_accuracy.json [--seed 1]
         [--train-cases 24] [--test-cases 8] [--name NAME]
         [--convert-flags "..."] [--train-flags "..."] [--inference-flags "..."]
+    .venv/bin/python -m bench.accuracy --table RESULT.json ...   (a markdown table of runs)
 
 Generates realistic synthetic cases (brainseg/phantom.py: real brain anatomy, lobulated and
 multifocal tumors, thin broken enhancing rims, lower-grade tumors without enhancement,
@@ -113,6 +114,25 @@ def summarize(rows):
                      **{f"{region}_dice": worst[f"{region}_dice"] for region in regions}}
 
 
+def markdown_table(results):
+    """One row per result file: the recipe, its seed, mean (median) Dice and mean HD95 per
+    region, lesion-wise Dice, the worst case and the training time."""
+    lines = ["| recipe | seed | WT Dice | TC Dice | ET Dice | WT / TC / ET HD95 (mm) | "
+             "lesion-wise Dice WT / TC / ET | worst WT | train min (img/s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        regions = result["regions"]
+        dice = [f"{regions[r]['dice_mean']:.3f} ({regions[r]['dice_median']:.3f})"
+                for r in REGIONS]
+        hd95 = " / ".join(f"{regions[r]['hd95_mean_mm']:.1f}" for r in REGIONS)
+        lesion = " / ".join(f"{regions[r].get('lesion_dice_mean', math.nan):.3f}"
+                            for r in REGIONS)
+        lines.append(f"| {result['name']} | {result['seed']} | {' | '.join(dice)} | {hd95} | "
+                     f"{lesion} | {result['worst_case']['whole_tumor_dice']:.3f} | "
+                     f"{result['train_seconds'] / 60:.1f} ({result['train_img_s']:.0f}) |")
+    return "\n".join(lines)
+
+
 def flags_key(*flag_lists):
     return hashlib.sha256(json.dumps(flag_lists).encode()).hexdigest()[:10]
 
@@ -128,7 +148,16 @@ def main():
     parser.add_argument("--train-flags", default="", help="extra train_horovod.py flags")
     parser.add_argument("--inference-flags", default="", help="extra inference.py flags")
     parser.add_argument("--work-dir", default=os.path.join(REPO_DIR, "data", "bench_accuracy"))
+    parser.add_argument("--table", nargs="+", metavar="RESULT",
+                        help="print a markdown table of earlier --json results, run nothing")
     args = parser.parse_args()
+    if args.table:
+        results = []
+        for path in args.table:
+            with open(path) as file:
+                results.append(json.load(file))
+        print(markdown_table(results))
+        return
     convert_flags, train_flags, inference_flags = (
         shlex.split(flags) for flags in (args.convert_flags, args.train_flags,
                                          args.inference_flags))
