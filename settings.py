@@ -121,10 +121,13 @@ INFERENCE_BATCH_SIZE = 64
 INFERENCE_PRECISION = "auto"  # "auto": bfloat16 where the CPU has it (AMX / AVX512_BF16)
 NUM_FIGURES = 0  # PNG montages of at most this many scored cases; 0: every scored case
 # Average each slice's prediction with that of its left-right mirror image (2x the time).
+# Measured on the realistic benchmark (seed 1): WT +0.002, TC -0.009, ET +0.001: no gain.
 TEST_TIME_FLIPS = False
 # Post-processing of the predicted label map (brainseg/postprocessing.py); 0 turns a rule off.
-MIN_LESION_MM3 = 0.0  # tumor components smaller than this (mm^3) are removed
-MIN_ENHANCING_MM3 = 0.0  # a case with less enhancing tumor than this gets none (it becomes core)
+# Measured on the realistic benchmark (seed 1): ET Dice 0.704 -> 0.954, WT and TC unchanged
+# (the lower-grade cases without enhancement no longer get a few false enhancing voxels).
+MIN_LESION_MM3 = 200.0  # tumor components smaller than this (mm^3) are removed
+MIN_ENHANCING_MM3 = 500.0  # a case with less enhancing tumor than this gets none (it becomes core)
 # Lesion-wise Dice and HD95 beside the per-case figures (BraTS ranks by them since 2023),
 # computed by the official package (brats-evaluation, panoptica): a few seconds per case.
 LESION_WISE = True

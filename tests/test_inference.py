@@ -36,7 +36,8 @@ def release(tmp_path_factory):
 def test_a_case_folder_is_segmented_on_its_own_grid(checkpoint, converted_dir, release, tmp_path):
     case_dir = release / "BraTS-GLI-00001-000"
     inference.main(["--input", str(case_dir), "--checkpoint", checkpoint, "--data-dir",
-                    str(converted_dir), "--output-dir", str(tmp_path), "--probabilities"])
+                    str(converted_dir), "--output-dir", str(tmp_path), "--probabilities",
+                    "--min-lesion-mm3", "0", "--min-enhancing-mm3", "0"])  # no post-processing
     scan = nib.load(case_dir / "BraTS-GLI-00001-000-t2f.nii.gz")
     segmentation = nib.load(tmp_path / "BraTS-GLI-00001-000_seg.nii.gz")
     assert segmentation.shape == scan.shape == SMALL_SHAPE
