@@ -123,7 +123,8 @@ def write_figure(output, name, figure):
 
 
 def report(output, rows, regions, extra):
-    """Writes the CSVs, metrics.json and the distribution figure; prints the summary."""
+    """Writes the CSVs, metrics.json and the distribution figure; prints and returns the
+    summary."""
     summary = metrics.summarize(rows, regions)
     output.csv("per_case_metrics.csv", rows)
     output.csv("summary_metrics.csv", summary)
@@ -131,6 +132,7 @@ def report(output, rows, regions, extra):
     means = {f"{s['region']}_{s['metric']}_mean": s["mean"] for s in summary}
     output.json("metrics.json", {**means, **extra, "num_cases": len(rows)})
     print("\n" + metrics.format_summary(summary))
+    return summary
 
 
 # --- Mode 1: converted test arrays --------------------------------------------------------
@@ -168,7 +170,7 @@ def infer_arrays(model, args, output):
                 regions, entry["case"]))
     pooled_dice = metrics.dice(msks[..., 0], predictions[..., 0])
     mean_dice = float(np.mean([row["whole_tumor_dice"] for row in rows]))
-    report(output, rows, regions, {
+    summary = report(output, rows, regions, {
         "whole_tumor_dice_mean_over_cases": mean_dice,
         "whole_tumor_dice_all_slices": pooled_dice, "slices_per_second": len(imgs) / seconds,
         "num_slices": len(imgs), "checkpoint": os.path.abspath(args.CHECKPOINT)})
@@ -176,8 +178,8 @@ def infer_arrays(model, args, output):
           f"{len(rows)} test cases, {pooled_dice:.4f} over all {len(imgs)} slices; "
           f"{len(imgs) / seconds:.1f} slices/s")
     print("Mean Dice per region: " + ", ".join(
-        f"{region.replace('_', ' ')} {np.mean([row[f'{region}_dice'] for row in rows]):.4f}"
-        for region in regions))
+        f"{s['region'].replace('_', ' ')} {s['mean']:.4f}" for s in summary
+        if s["metric"] == "dice"))
 
 
 # --- Mode 2: NIfTI cases ---------------------------------------------------------------------

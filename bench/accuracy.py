@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from brainseg import atomic
+from brainseg import atomic, metrics
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -90,27 +90,25 @@ def segment(test_raw_dir, train_dir, inference_dir, inference_flags):
     return seconds, rows
 
 
+# metrics.summarize() statistics -> the keys of the results' "regions" entries.
+SUMMARY_KEYS = {("dice", "mean"): "dice_mean", ("dice", "median"): "dice_median",
+                ("hd95_mm", "mean"): "hd95_mean_mm", ("hd95_mm", "median"): "hd95_median_mm",
+                ("lesion_dice", "mean"): "lesion_dice_mean",
+                ("lesion_hd95_mm", "mean"): "lesion_hd95_mean_mm"}
+
+
 def summarize(rows):
-    """{region: mean and median Dice and HD95} over the held-out cases, and the worst case."""
-    regions = {}
-    for region in REGIONS:
-        if f"{region}_dice" not in rows[0]:
-            continue
-        dice = [row[f"{region}_dice"] for row in rows]
-        hd95 = [row[f"{region}_hd95_mm"] for row in rows]
-        regions[region] = {"dice_mean": statistics.fmean(dice),
-                           "dice_median": statistics.median(dice),
-                           "hd95_mean_mm": statistics.fmean(hd95),
-                           "hd95_median_mm": statistics.median(hd95)}
-        if f"{region}_lesion_dice" in rows[0]:  # NaN where the case has no such lesion
-            lesion_dice = [row[f"{region}_lesion_dice"] for row in rows
-                           if not math.isnan(row[f"{region}_lesion_dice"])]
-            lesion_hd95 = [row[f"{region}_lesion_hd95_mm"] for row in rows
-                           if not math.isnan(row[f"{region}_lesion_hd95_mm"])]
-            regions[region].update(lesion_dice_mean=statistics.fmean(lesion_dice),
-                                   lesion_hd95_mean_mm=statistics.fmean(lesion_hd95))
+    """{region: mean and median Dice and HD95, mean lesion-wise Dice and HD95} over the
+    held-out cases, from metrics.summarize (which leaves out the lesion-wise figures of cases
+    without a true lesion), and the worst case."""
+    regions = [region for region in REGIONS if f"{region}_dice" in rows[0]]
+    figures = {region: {} for region in regions}
+    for summary in metrics.summarize(rows, regions):
+        for (metric, statistic), key in SUMMARY_KEYS.items():
+            if summary["metric"] == metric:
+                figures[summary["region"]][key] = float(summary[statistic])
     worst = min(rows, key=lambda row: row["whole_tumor_dice"])
-    return regions, {"case": worst["case"], "whole_tumor_dice": worst["whole_tumor_dice"],
+    return figures, {"case": worst["case"], "whole_tumor_dice": worst["whole_tumor_dice"],
                      **{f"{region}_dice": worst[f"{region}_dice"] for region in regions}}
 
 
