@@ -14,8 +14,9 @@ documented defaults of settings.py); segments the held-out NIfTI cases with
 `inference.py --input`; and reports, per region, the mean and median Dice and HD95 over the
 held-out cases, the worst case, the training time and images per second.
 
-Deterministic for a seed: the cases, the split, the initial weights and the batches all
-follow it. Everything is kept in --work-dir and reused by the next run with the same seed,
+The seed fixes the cases, the split, the initial weights and the batches; inference on a
+trained model reproduces every figure, but training repeated on the same data differed in
+the 4th decimal of its first-epoch loss (README), so small differences may be noise. Everything is kept in --work-dir and reused by the next run with the same seed,
 case counts and flags: an ablation of --inference-flags alone (post-processing, test-time
 flips) costs only its inference, since train_horovod.py returns at once on a finished run
 (the training time reported is then the one logged when it trained).
