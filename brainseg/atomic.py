@@ -1,27 +1,73 @@
-"""Files that appear complete or not at all.
+"""Files that appear complete or not at all, and stay so after a crash or a power loss.
 
-Every output of the project (arrays' manifest, checkpoints, segmentations, figures, reports)
+Every output of the project (arrays, manifest, checkpoints, segmentations, figures, reports)
 is written under a temporary name in its destination folder and then renamed: os.replace is
 atomic on one filesystem, so a reader, or a rerun after a crash, sees the old file or the
 complete new one, never a half-written one.
+
+A rename alone is not durable: after a power loss the new name can point at a file whose data
+never reached the disk, while the old file is already gone. So the file is flushed (fsync)
+before the rename and its folder after it. Temporary names are unique and created exclusively
+(O_EXCL: never following a symlink planted at that name, never shared by two writers), carry
+a hidden `.partial.` prefix that no data pattern matches, and are removed on any error.
 """
+import contextlib
 import csv
 import json
 import os
+import tempfile
+
+PARTIAL_PREFIX = ".partial."
+# mkstemp creates files readable by their owner only; outputs get the usual permissions
+# (0666 less the umask), as a plain open() would give them. Read once: os.umask can only be
+# read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
-def temporary_path(path):
-    """A hidden name beside path that keeps its extension, which Keras, nibabel and
-    matplotlib use to pick the file format."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, ".partial." + name)
+def fsync_path(path):
+    """Flushes a file, or a folder's entries, to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def create_temporary(path):
+    """Creates, exclusively, a new empty file beside path whose name ends with path's name
+    (Keras, nibabel and matplotlib pick the format from the extension); returns its path."""
+    folder, name = os.path.split(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix="." + name,
+                                             dir=folder)
+    os.fchmod(descriptor, 0o666 & ~_UMASK)
+    os.close(descriptor)
+    return temporary
+
+
+def commit(temporary, path):
+    """Makes a finished temporary file path's content, durably: flush, rename, flush folder."""
+    fsync_path(temporary)
+    os.replace(temporary, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def removed_on_error(temporary):
+    """Removes the temporary file if the block raises (or is interrupted), then re-raises."""
+    try:
+        yield temporary
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
 
 
 def replace_atomically(path, write):
     """Calls write(temporary path), then renames the result to path."""
-    temporary = temporary_path(path)
-    write(temporary)
-    os.replace(temporary, path)
+    with removed_on_error(create_temporary(path)) as temporary:
+        write(temporary)
+        commit(temporary, path)
     return path
 
 
