@@ -13,19 +13,25 @@ slice-level split would leak the test set into training. A release without label
 
 Memory stays bounded whatever the release size: cases are read by a pool of worker processes
 (a bounded number in flight) and appended to the .npy files in case order, so the output is
-byte-for-byte the same for any number of workers. Everything is written under temporary names
-and renamed when complete, manifest.json last: a folder without a manifest is incomplete.
+byte-for-byte the same for any number of workers. The whole dataset is written into a hidden
+staging folder beside the data folder, manifest.json last, and swapped in when complete
+(brainseg/folders.py): until then the previous dataset stays whole and readable, and a run
+killed midway leaves it untouched. The data folder is locked while converting, and must not
+overlap the release.
 """
 import collections
 import concurrent.futures
+import ctypes
 import dataclasses
+import multiprocessing
 import os
+import signal
 import sys
 
 import numpy as np
 from tqdm import tqdm
 
-from brainseg import cli, dataset, layouts, preprocessing
+from brainseg import cli, dataset, folders, layouts, preprocessing
 
 SETTINGS = ["RAW_DIR", "DATA_DIR", "TRAIN_FRACTION", "SPLIT_SEED", "LAYOUT", "IMAGE_SIZE",
             "CROP_SIZE", "CROP_MODE", "SLICE_POLICY", "LABEL_MODE", "IMAGE_DTYPE",
@@ -50,31 +56,72 @@ def split_cases(case_ids, train_fraction, seed):
 
 
 def prepare_case(case, options):
-    """Worker task: (imgs, msks, geometry) of one case, or the CaseError message."""
+    """Worker task: (imgs, msks, geometry) of one case, or why it is skipped."""
     try:
         image, labels = layouts.read_case(case)
+        return preprocessing.preprocess_case(image, labels, options)
     except layouts.CaseError as error:
         return str(error)
-    return preprocessing.preprocess_case(image, labels, options)
+    except MemoryError:
+        return "not enough memory to read and prepare it"
+
+
+WORKER_DIED = ("the worker process preparing it died (killed, by the out-of-memory killer "
+               "or a signal), also when it was retried alone")
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid):
+    """Pool initializer: the kernel sends this worker SIGKILL when the converter dies, however
+    it dies (SIGKILL included), so no worker outlives it holding the output files open."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def worker_pool(workers):
+    """Forked workers (not a fork server's): their parent is this process, the one to die with."""
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("fork"),
+        initializer=die_with_parent, initargs=(os.getpid(),))
 
 
 def prepared_cases(cases, options, workers):
     """Yields (case, result of prepare_case) in case order. With several workers at most
-    2 x workers cases are in flight, so memory does not grow with the number of cases."""
+    2 x workers cases are in flight, so memory does not grow with the number of cases.
+
+    A worker killed midway (the out-of-memory killer's SIGKILL) breaks the whole pool; the
+    cases that were in flight are then retried one at a time, alone in a fresh worker, and
+    the one that kills its worker again is skipped. The others continue in a new pool."""
     if workers <= 1:
         for case in cases:
             yield case, prepare_case(case, options)
         return
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    pending = collections.deque(cases)
+    while pending:
         in_flight = collections.deque()
-        for case in cases:
-            in_flight.append((case, pool.submit(prepare_case, case, options)))
-            if len(in_flight) >= 2 * workers:
-                case, future = in_flight.popleft()
-                yield case, future.result()
-        while in_flight:
-            case, future = in_flight.popleft()
-            yield case, future.result()
+        try:
+            with worker_pool(workers) as pool:
+                while pending or in_flight:
+                    while pending and len(in_flight) < 2 * workers:
+                        case = pending.popleft()
+                        in_flight.append((case, pool.submit(prepare_case, case, options)))
+                    result = in_flight[0][1].result()
+                    yield in_flight.popleft()[0], result
+        except concurrent.futures.process.BrokenProcessPool:
+            for case, _ in in_flight:
+                tqdm.write(f"WARNING: a worker process died; retrying {case.case_id} alone")
+                yield case, prepare_alone(case, options)
+
+
+def prepare_alone(case, options):
+    """prepare_case in a worker of its own: WORKER_DIED when that worker dies too."""
+    try:
+        with worker_pool(1) as pool:
+            return pool.submit(prepare_case, case, options).result()
+    except concurrent.futures.process.BrokenProcessPool:
+        return WORKER_DIED
 
 
 def grid(case):
@@ -138,11 +185,24 @@ def main(argv=None):
     print(f"{len(cases)} cases in the {layout} layout; {workers} worker processes"
           + ("" if with_masks else "; no label maps: images only, all in the test split"))
 
-    os.makedirs(args.DATA_DIR, exist_ok=True)
-    manifest_path = dataset.manifest_path(args.DATA_DIR)
-    if os.path.exists(manifest_path):
-        os.remove(manifest_path)  # the folder is incomplete until the new manifest lands
+    try:
+        folders.refuse_overlap(args.DATA_DIR, [args.RAW_DIR])
+        dataset.check_replaceable(args.DATA_DIR)
+        with folders.locked(args.DATA_DIR), folders.staging(args.DATA_DIR) as staged:
+            convert(args, layout, cases, options, workers, with_masks, staged)
+            folders.swap_in(staged, args.DATA_DIR)
+    except (ValueError, folders.FolderBusyError) as error:
+        sys.exit(f"ERROR: {error}")
+    except OSError as error:  # a full disk, a read-only folder
+        sys.exit(f"ERROR: converting into {args.DATA_DIR} failed ({error}); "
+                 f"its previous content is unchanged")
+    print(f"Wrote {', '.join(sorted(os.listdir(args.DATA_DIR)))} to {args.DATA_DIR}")
 
+
+def convert(args, layout, cases, options, workers, with_masks, out_dir):
+    """Writes the whole dataset into out_dir (a staging folder), manifest last; exits with an
+    error, having written nothing that counts, when no case (or with --strict, not every case)
+    could be converted."""
     by_id = collections.defaultdict(list)  # duplicated IDs: all copies, all skipped
     for case in cases:
         by_id[case.case_id].append(case)
@@ -153,7 +213,7 @@ def main(argv=None):
     skipped, splits, writers = [], {}, []
     for split, ids in (("train", train_ids), ("test", test_ids)):
         members = [case for case_id in ids for case in by_id[case_id]]
-        splits[split], split_writers = convert_split(split, members, options, args.DATA_DIR,
+        splits[split], split_writers = convert_split(split, members, options, out_dir,
                                                      workers, with_masks, skipped)
         writers.extend(split_writers)
 
@@ -166,10 +226,10 @@ def main(argv=None):
         for writer in writers:
             writer.discard()
         sys.exit(f"ERROR: {len(skipped)} of {len(cases)} cases in {args.RAW_DIR} could not be "
-                 f"converted{' (--strict)' if converted else ''}; nothing was written")
+                 f"converted{' (--strict)' if converted else ''}; {args.DATA_DIR} is unchanged")
     for writer in writers:
         writer.finish()
-    dataset.write_manifest(args.DATA_DIR, {
+    dataset.write_manifest(out_dir, {
         "layout": layout,
         "label_map": {str(k): v for k, v in layouts.LAYOUTS[layout].label_map.items()},
         "internal_labels": {str(k): v for k, v in layouts.INTERNAL_LABELS.items()},
@@ -177,8 +237,6 @@ def main(argv=None):
         "preprocessing": dataclasses.asdict(options), "has_masks": with_masks,
         "train_fraction": args.TRAIN_FRACTION, "split_seed": args.SPLIT_SEED,
         "raw_dir": os.path.abspath(args.RAW_DIR), "splits": splits, "skipped": skipped})
-    print(f"Wrote {', '.join(sorted(os.listdir(args.DATA_DIR)))} to {args.DATA_DIR}")
-
 
 if __name__ == "__main__":
     main()

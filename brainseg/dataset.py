@@ -9,10 +9,11 @@ the benchmarks read the folder through it. TensorFlow-free, so every one of them
     manifest.json   layout and label mapping, preprocessing, which case went to which split,
                     its rows, slices and crop box, and the skipped cases with the reason
 
-Every file is written under a temporary name (atomic.temporary_path: a hidden `.partial.`
-prefix, so no pattern below matches a leftover) and renamed when complete, manifest.json
+Every file is written under a temporary name (atomic.create_temporary: a unique hidden
+`.partial.` name, so no pattern below matches a leftover) and renamed when complete, manifest.json
 last: a folder without a manifest is incomplete.
 """
+import hashlib
 import io
 import json
 import os
@@ -47,20 +48,75 @@ def load_manifest(data_dir):
 
 
 def write_manifest(data_dir, manifest):
-    """Written last, atomically: its presence says the arrays beside it are complete."""
-    atomic.write_json(manifest_path(data_dir), manifest)
+    """Written last, atomically: its presence says the arrays beside it are complete, and
+    its "files" entry (each array's size and fingerprint) which arrays those are."""
+    files = {name: fingerprint(os.path.join(data_dir, name))
+             for name in sorted(os.listdir(data_dir)) if name.endswith(".npy")}
+    atomic.write_json(manifest_path(data_dir), {**manifest, "files": files})
+
+
+# Bytes hashed at each end of an array file: enough to tell two conversions apart (the
+# header holds the row count; the first and last rows differ between datasets) while reading
+# milliseconds' worth of a file of gigabytes.
+FINGERPRINT_BYTES = 1 << 20
+
+
+def fingerprint(path):
+    """Size and a SHA-256 of the first and last FINGERPRINT_BYTES of a file."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        digest.update(file.read(FINGERPRINT_BYTES))
+        file.seek(max(size - FINGERPRINT_BYTES, 0))
+        digest.update(file.read(FINGERPRINT_BYTES))
+    return {"bytes": size, "sha256_ends": digest.hexdigest()}
+
+
+def check_vouched(path, manifest):
+    """Raises ValueError unless the manifest beside path describes this very file: arrays
+    from another or an interrupted conversion must never be trained on silently."""
+    folder, name = os.path.split(path)
+    expected = (manifest or {}).get("files", {}).get(name)
+    if expected is None:
+        reason = ("there is no manifest.json beside it (an incomplete conversion)"
+                  if manifest is None else "manifest.json does not list it")
+        raise ValueError(f"{path}: {reason}; run converter.py into {folder} again")
+    found = fingerprint(path)
+    if found != expected:
+        raise ValueError(f"{path}: not the file manifest.json describes ({found['bytes']} bytes, "
+                         f"expected {expected['bytes']}, or different content): the folder "
+                         f"mixes files of different conversions; run converter.py again")
+
+
+def check_replaceable(data_dir):
+    """Raises ValueError unless data_dir is absent, empty or a converted dataset: a conversion
+    replaces the whole folder, which must not take anything else with it."""
+    if not os.path.isdir(data_dir):
+        if os.path.lexists(data_dir):
+            raise ValueError(f"{data_dir}: exists and is not a folder")
+        return
+    others = sorted(name for name in os.listdir(data_dir)
+                    if not (name == MANIFEST or name.startswith(atomic.PARTIAL_PREFIX)
+                            or (name.startswith(("imgs_", "msks_")) and name.endswith(".npy"))))
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ValueError(f"{data_dir}: holds files that are not a converted dataset ({shown}); "
+                         f"a conversion replaces the whole folder: choose a new or empty one")
 
 
 def open_split(data_dir, split, image_size=None, channels=None):
-    """Opens imgs_<split>.npy and msks_<split>.npy memory-mapped (nothing is read), after
-    checking that they exist and agree: [N, H, W, C] images and [N, H, W, K] masks with the
-    same N, H and W. image_size / channels, when given, are what the caller (a model) expects."""
+    """Opens imgs_<split>.npy and msks_<split>.npy memory-mapped (only their ends are read),
+    after checking that they exist, that the folder's manifest vouches for them, and that they
+    agree: [N, H, W, C] images and [N, H, W, K] masks with the same N, H and W.
+    image_size / channels, when given, are what the caller (a model) expects."""
     imgs_path, msks_path = split_paths(data_dir, split)
+    manifest = load_manifest(data_dir)
     arrays = []
     for path in (imgs_path, msks_path):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: not found; run converter.py first "
                                     f"(or pass --data-dir pointing at its output)")
+        check_vouched(path, manifest)
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as error:
@@ -91,7 +147,7 @@ class NpyAppender:
     def __init__(self, path, capacity, row_shape, dtype):
         self.path, self.rows = path, 0
         self.row_shape, self.dtype = tuple(row_shape), np.dtype(dtype)
-        self.partial_path = atomic.temporary_path(path)
+        self.partial_path = atomic.create_temporary(path)
         self.file = open(self.partial_path, "wb")
         self.header_size = self.file.write(self._header(capacity))
 
@@ -119,7 +175,7 @@ class NpyAppender:
         self.file.truncate(self.header_size + self.rows * self.dtype.itemsize *
                            int(np.prod(self.row_shape)))
         self.file.close()
-        os.replace(self.partial_path, self.path)
+        atomic.commit(self.partial_path, self.path)
 
     def discard(self):
         self.file.close()

@@ -119,6 +119,7 @@ def test_rows_of_a_memory_map_are_read_without_becoming_resident_memory(tmp_path
     images = np.random.default_rng(3).random((64, 32, 32, 4)).astype(np.float16)  # 512 KiB
     np.save(tmp_path / "imgs_train.npy", images)
     np.save(tmp_path / "msks_train.npy", (images[..., :1] > 0.5).astype(np.uint8))
+    dataset.write_manifest(tmp_path, {})
     imgs, msks = dataset.open_split(tmp_path, "train")
     read = data.row_reader(imgs)
     for index in range(len(imgs)):

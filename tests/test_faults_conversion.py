@@ -1,0 +1,225 @@
+"""Faults during conversion, each reproduced with a real converter process: killed converter,
+killed worker, full disk, read-only folder, two conversions at once, overlapping folders.
+Every one ends in a clear message, and the previous dataset intact (checked by hash)."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from brainseg import dataset, folders, synthetic
+from conftest import REPO_DIR, SMALL_CROP_SIZE, SMALL_IMAGE_SIZE, SMALL_SHAPE, convert
+
+
+def converter_command(raw_dir, out_dir, *extra):
+    return [sys.executable, "converter.py", "--raw-dir", str(raw_dir), "--data-dir",
+            str(out_dir), "--image-size", str(SMALL_IMAGE_SIZE), "--crop-size",
+            str(SMALL_CROP_SIZE), *extra]
+
+
+def run_converter(raw_dir, out_dir, *extra):
+    return subprocess.run(converter_command(raw_dir, out_dir, *extra), cwd=REPO_DIR,
+                          capture_output=True, text=True, timeout=300)
+
+
+def hashes(folder):
+    """{relative path: sha256} of every file under a folder."""
+    return {os.path.relpath(os.path.join(parent, name), folder):
+            hashlib.sha256(open(os.path.join(parent, name), "rb").read()).hexdigest()
+            for parent, _, names in os.walk(folder) for name in names}
+
+
+@pytest.fixture()
+def previous_dataset(raw_dir, tmp_path):
+    """A complete converted folder, and its hashes, that a failed conversion must not touch."""
+    out_dir = tmp_path / "converted"
+    convert(raw_dir, out_dir, "--split-seed", "1")
+    return out_dir, hashes(out_dir)
+
+
+def assert_intact(out_dir, expected_hashes):
+    assert hashes(out_dir) == expected_hashes
+    for split in dataset.SPLITS:
+        dataset.open_split(out_dir, split)  # still vouched for by its manifest
+
+
+@pytest.fixture(scope="module")
+def many_cases(tmp_path_factory):
+    """Enough cases that a conversion lasts a few seconds, to be interrupted midway."""
+    root = tmp_path_factory.mktemp("many")
+    synthetic.write_dataset(str(root), 16, seed=11, shape=(64, 64, 40))
+    return root
+
+
+def children(pid):
+    """The pids of a process's children, whichever of its threads started them (/proc)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as file:
+            found += [int(child) for child in file.read().split()]
+    return found
+
+
+def wait_for(condition, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_conversion_leaves_the_previous_dataset_whole_and_no_worker(
+        many_cases, previous_dataset):
+    out_dir, before = previous_dataset
+    process = subprocess.Popen(converter_command(many_cases, out_dir, "--workers", "2"),
+                               cwd=REPO_DIR, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    staged = lambda: [name for name in os.listdir(out_dir.parent) if ".staging." in name]
+    assert wait_for(lambda: staged() and len(children(process.pid)) >= 2), \
+        "the conversion never started its workers"
+    workers = children(process.pid)
+    time.sleep(0.5)  # mid-way through the cases
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert wait_for(lambda: not any(alive(pid) for pid in workers), timeout=10), \
+        "worker processes outlived the killed converter"
+    assert_intact(out_dir, before)
+
+    result = run_converter(many_cases, out_dir)  # the rerun completes and tidies up
+    assert result.returncode == 0, result.stderr
+    assert "left by an interrupted run" in result.stdout
+    assert not [name for name in os.listdir(out_dir.parent) if ".staging." in name]
+    assert hashes(out_dir) != before and dataset.open_split(out_dir, "train")
+
+
+def test_a_worker_killed_midway_is_retried_and_the_output_is_unchanged(many_cases, tmp_path):
+    clean = tmp_path / "clean"
+    assert run_converter(many_cases, clean, "--workers", "2").returncode == 0
+    out_dir = tmp_path / "out"
+    process = subprocess.Popen(converter_command(many_cases, out_dir, "--workers", "2"),
+                               cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert wait_for(lambda: len(children(process.pid)) >= 2)
+    time.sleep(0.3)
+    os.kill(children(process.pid)[0], signal.SIGKILL)  # what the out-of-memory killer does
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "a worker process died; retrying" in stdout + stderr
+    assert hashes(out_dir) == hashes(clean)
+
+
+def test_a_full_disk_leaves_the_previous_dataset_whole(raw_dir, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], check=True)
+    try:
+        out_dir = disk / "converted"
+        result = run_converter(raw_dir, out_dir, "--image-size", "16", "--crop-size", "48")
+        assert result.returncode == 0, result.stderr  # a small dataset fits
+        before = hashes(out_dir)
+        result = run_converter(raw_dir, out_dir)  # 32x32 slices: four times larger
+        assert result.returncode != 0
+        assert "No space left on device" in result.stderr and str(out_dir) in result.stderr
+        assert "previous content is unchanged" in result.stderr
+        assert_intact(out_dir, before)
+        assert sorted(os.listdir(disk)) == [".converted.lock", "converted"]  # no staging left
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_read_only_folder_is_a_clear_error(raw_dir, previous_dataset):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    out_dir, before = previous_dataset
+    os.chmod(out_dir.parent, 0o555)
+    try:
+        result = run_converter(raw_dir, out_dir)
+    finally:
+        os.chmod(out_dir.parent, 0o755)
+    assert result.returncode != 0 and "Permission denied" in result.stderr
+    assert_intact(out_dir, before)
+
+
+def test_a_read_only_filesystem_is_a_clear_error(raw_dir, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        out_dir = disk / "converted"
+        assert run_converter(raw_dir, out_dir).returncode == 0
+        before = hashes(out_dir)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        result = run_converter(raw_dir, out_dir)
+        assert result.returncode != 0
+        assert "Read-only file system" in result.stderr and str(out_dir) in result.stderr
+        assert_intact(out_dir, before)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_second_conversion_into_a_busy_folder_is_refused_naming_the_first(
+        many_cases, previous_dataset):
+    out_dir, before = previous_dataset
+    first = subprocess.Popen(converter_command(many_cases, out_dir, "--workers", "1"),
+                             cwd=REPO_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: os.path.exists(folders.lock_path(out_dir)) and
+                        str(first.pid) in open(folders.lock_path(out_dir)).read())
+        second = run_converter(many_cases, out_dir)
+        assert second.returncode != 0
+        assert f"in use by another run (process {first.pid} on " in second.stderr
+        assert "converter.py" in second.stderr
+        assert hashes(out_dir) == before  # the first is still converting, the second did nothing
+        assert first.wait(timeout=300) == 0
+    finally:
+        first.kill()
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_a_data_folder_overlapping_the_release_is_refused(raw_dir, tmp_path, where):
+    release = tmp_path / "release"
+    synthetic.write_dataset(str(release), 2, seed=3, shape=SMALL_SHAPE)
+    before = hashes(release)
+    out_dir = {"same": release, "inside": release / "converted", "around": tmp_path}[where]
+    result = run_converter(release, out_dir)
+    assert result.returncode != 0 and "overlaps the input" in result.stderr
+    assert hashes(release) == before
+
+
+def test_a_folder_holding_other_files_is_not_replaced(raw_dir, tmp_path):
+    out_dir = tmp_path / "mine"
+    out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("a user's file")
+    result = run_converter(raw_dir, out_dir)
+    assert result.returncode != 0
+    assert "not a converted dataset (notes.txt)" in result.stderr
+    assert os.listdir(out_dir) == ["notes.txt"]
+
+
+def test_arrays_the_manifest_does_not_vouch_for_are_refused(raw_dir, previous_dataset,
+                                                            tmp_path):
+    out_dir, _ = previous_dataset
+    other = tmp_path / "other"
+    convert(raw_dir, other, "--split-seed", "2")  # another conversion of the same cases
+    os.replace(other / "imgs_train.npy", out_dir / "imgs_train.npy")  # a mixed folder
+    with pytest.raises(ValueError, match="imgs_train.npy: not the file manifest.json describes"):
+        dataset.open_split(out_dir, "train")
+    os.remove(out_dir / "manifest.json")  # a folder whose conversion never finished
+    with pytest.raises(ValueError, match="no manifest.json beside it"):
+        dataset.open_split(out_dir, "test")
