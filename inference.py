@@ -8,8 +8,10 @@ Standalone: no Horovod, one process.
     map and scores it against msks_test.npy, case by case from the converter's manifest.
   - NIfTI (--input): a case folder, a release folder of any layout the converter reads, or
     one 4-D file. Each case goes through the converter's own preprocessing, the predictions
-    are put back on the original grid, and <case>_seg.nii.gz is written with the scan's
-    shape, affine and header, labels in the convention of the input release. Cases with a
+    are put back on the original grid, and <case>.nii.gz is written with the scan's
+    shape, affine and header, labels in the convention of the input release. (The name the
+    BraTS challenge asks for, and one no layout reads as a label map; the inference folder
+    may not lie inside an input folder, so no input is ever replaced.) Cases with a
     label map are scored; cases without (validation data) are only segmented.
 Written to --inference-dir: per_case_metrics.csv (Dice, HD95 in mm, sensitivity, specificity
 per region), summary_metrics.csv (mean, median, std), metrics.json, a PNG montage per scored
@@ -24,8 +26,8 @@ import keras
 import nibabel as nib
 import numpy as np
 
-from brainseg import (checkpoints, cli, dataset, figures, hardware, layouts, metrics,
-                      postprocessing, preprocessing)
+from brainseg import (checkpoints, cli, dataset, figures, folders, hardware, layouts,
+                      metrics, postprocessing, preprocessing)
 from brainseg.atomic import OutputFolder
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "CHECKPOINT", "INFERENCE_DIR", "INFERENCE_BATCH_SIZE",
@@ -214,7 +216,7 @@ def segment_case(model, case, options, args, output):
     spacing = reference.header.get_zooms()[:3]
     internal, masks = segmentation(probabilities > 0.5, spacing, options.label_mode, args)
     release = layouts.to_release_labels(internal, case.layout)
-    output.write(f"{case.case_id}_seg.nii.gz",
+    output.write(f"{case.case_id}.nii.gz",
                  lambda path: nib.save(layouts.like_reference(release, reference), path))
     if args.probabilities:
         squeezed = probabilities[..., 0] if probabilities.shape[-1] == 1 else probabilities
@@ -302,10 +304,15 @@ def main(argv=None):
     except RuntimeError:  # called as a library after TensorFlow started: keep its threads
         print("TensorFlow is already running in this process; keeping its thread settings")
     try:
+        if args.input:  # outputs never land among the inputs, where they could replace one
+            input_folder = args.input if os.path.isdir(args.input) else os.path.dirname(args.input)
+            folders.refuse_overlap(args.INFERENCE_DIR, [input_folder or "."], around=False)
         model = hardware.in_precision(load_checkpoint(args.CHECKPOINT), args.INFERENCE_PRECISION)
-        output = OutputFolder(args.INFERENCE_DIR, args.overwrite)
-        (infer_nifti if args.input else infer_arrays)(model, args, output)
-    except (InferenceError, FileNotFoundError, FileExistsError, ValueError) as error:
+        with folders.locked(args.INFERENCE_DIR):
+            output = OutputFolder(args.INFERENCE_DIR, args.overwrite)
+            (infer_nifti if args.input else infer_arrays)(model, args, output)
+    except (InferenceError, FileNotFoundError, FileExistsError, ValueError,
+            folders.FolderBusyError) as error:
         sys.exit(f"ERROR: {error}")
     print(f"Metrics, per-case CSV and pictures in {args.INFERENCE_DIR}")
 

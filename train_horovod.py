@@ -21,6 +21,7 @@ early-stopping counters restored, none of which fit() exposes (its EarlyStopping
 resets its counters at every start). The loop is fit()'s own, twenty lines, and it still
 drives Keras callbacks (CSV log, TensorBoard).
 """
+import contextlib
 import datetime
 import functools
 import os
@@ -34,7 +35,7 @@ import tensorflow as tf
 
 import data
 import model as unet
-from brainseg import checkpoints, cli, dataset, hardware, metrics
+from brainseg import checkpoints, cli, dataset, folders, hardware, metrics
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE",
             "DICE_PER_REGION", "INTENSITY_AUGMENTATION", "LEARNING_RATE", "WARMUP_EPOCHS",
@@ -150,6 +151,34 @@ def start_horovod(timeline, cycle_time_ms):
     os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     os.environ.setdefault("HOROVOD_CYCLE_TIME", str(cycle_time_ms))
     hvd.init()
+
+
+# Held by rank 0 until the process exits (the kernel releases an flock with its holder).
+_TRAIN_DIR_LOCK = contextlib.ExitStack()
+
+
+def lock_train_dir(train_dir):
+    """One training per TRAIN_DIR: a second run there would interleave its checkpoints with
+    the first's. Rank 0 takes the folder's lock and every rank learns whether it could, so
+    they all stop together (with the message naming the run that holds it)."""
+    problem = None
+    if hvd.rank() == 0:
+        try:
+            _TRAIN_DIR_LOCK.enter_context(folders.locked(train_dir))
+        except folders.FolderBusyError as error:
+            problem = str(error)
+    problem = hvd.broadcast_object(problem, root_rank=0, name="train_dir_lock")
+    if problem:
+        sys.exit(f"ERROR: {problem}")
+
+
+def open_splits(data_dir):
+    """The training and validation arrays, or exit naming the file that is missing or that
+    the folder's manifest does not vouch for (every rank checks its own copy)."""
+    try:
+        return (*dataset.open_split(data_dir, "train"), *dataset.open_split(data_dir, "test"))
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"ERROR: rank {hvd.rank()}: {error}")
 
 
 def resume_point(output_dir, num_workers, steps_per_epoch):
@@ -321,14 +350,14 @@ def main(argv=None):
     keras.utils.set_random_seed(args.SEED)
 
     # The converted slices (memory-mapped), and the same number of steps on every rank.
-    imgs_train, msks_train = dataset.open_split(args.DATA_DIR, "train")
-    imgs_test, msks_test = dataset.open_split(args.DATA_DIR, "test")
+    imgs_train, msks_train, imgs_test, msks_test = open_splits(args.DATA_DIR)
     steps_per_epoch = args.STEPS_PER_EPOCH or data.steps_per_epoch(
         len(imgs_train), hvd.size(), args.BATCH_SIZE)
     log(f"{len(imgs_train)} training slices, {len(imgs_test)} validation slices; "
         f"{steps_per_epoch} steps per epoch of {args.BATCH_SIZE} x {hvd.size()} slices")
 
     # A rerun of the same command continues from the last checkpoint in TRAIN_DIR.
+    lock_train_dir(args.TRAIN_DIR)
     progress, saved = resume_point(args.TRAIN_DIR, hvd.size(), steps_per_epoch)
     if progress.finished(args.EPOCHS):
         log(f"{args.TRAIN_DIR} holds a finished run (epoch {progress.epoch}); nothing to "

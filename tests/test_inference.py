@@ -2,6 +2,7 @@
 implementation, NIfTI in and out on the scan's grid, release label conventions, bad input."""
 import csv
 import os
+import shutil
 
 import keras
 import nibabel as nib
@@ -10,7 +11,7 @@ import pytest
 
 import inference
 import model as unet
-from brainseg import layouts, metrics, synthetic
+from brainseg import folders, layouts, metrics, synthetic
 from conftest import SMALL_IMAGE_SIZE, SMALL_SHAPE
 
 # --- Metrics ---------------------------------------------------------------------------------
@@ -39,7 +40,7 @@ def test_a_case_folder_is_segmented_on_its_own_grid(checkpoint, converted_dir, r
                     str(converted_dir), "--output-dir", str(tmp_path), "--probabilities",
                     "--min-lesion-mm3", "0", "--min-enhancing-mm3", "0"])  # no post-processing
     scan = nib.load(case_dir / "BraTS-GLI-00001-000-t2f.nii.gz")
-    segmentation = nib.load(tmp_path / "BraTS-GLI-00001-000_seg.nii.gz")
+    segmentation = nib.load(tmp_path / "BraTS-GLI-00001-000.nii.gz")
     assert segmentation.shape == scan.shape == SMALL_SHAPE
     np.testing.assert_array_equal(segmentation.affine, scan.affine)
     assert segmentation.header.get_zooms() == scan.header.get_zooms()
@@ -76,7 +77,7 @@ def test_a_regions_model_writes_the_release_labels(converted_dir, release, tmp_p
     net.save(tmp_path / "regions.keras")
     inference.main(["--input", str(release), "--checkpoint", str(tmp_path / "regions.keras"),
                     "--data-dir", str(converted_dir), "--output-dir", str(tmp_path / "out")])
-    labels = np.asarray(nib.load(tmp_path / "out" / "BraTS-GLI-00002-000_seg.nii.gz").dataobj)
+    labels = np.asarray(nib.load(tmp_path / "out" / "BraTS-GLI-00002-000.nii.gz").dataobj)
     assert set(np.unique(labels)) == {0, 3}  # 0 on slices without brain
     with open(tmp_path / "out" / "summary_metrics.csv") as file:
         regions = {row["region"] for row in csv.DictReader(file)}
@@ -89,7 +90,7 @@ def test_validation_cases_are_segmented_but_not_scored(checkpoint, converted_dir
     inference.main(["--input", str(root), "--checkpoint", checkpoint, "--data-dir",
                     str(converted_dir), "--output-dir", str(tmp_path / "out")])
     written = sorted(os.listdir(tmp_path / "out"))
-    assert written == ["BraTS20_Training_001_seg.nii.gz", "BraTS20_Training_002_seg.nii.gz"]
+    assert written == ["BraTS20_Training_001.nii.gz", "BraTS20_Training_002.nii.gz"]
 
 
 # --- Bad input ----------------------------------------------------------------------------
@@ -109,14 +110,14 @@ def test_a_folder_run_carries_on_past_bad_cases_and_lists_them(checkpoint, conve
     output = capsys.readouterr().out
     assert f"failed BraTS20_Training_001: {missing}: file not found" in output
     assert f"failed BraTS20_Training_002: {wrong}: expected a 3-D volume" in output
-    assert os.path.exists(tmp_path / "out" / "BraTS20_Training_003_seg.nii.gz")
+    assert os.path.exists(tmp_path / "out" / "BraTS20_Training_003.nii.gz")
 
 
 def test_existing_outputs_are_kept_unless_overwrite(checkpoint, converted_dir, release, tmp_path,
                                                     capsys):
     arguments = ["--input", str(release / "BraTS-GLI-00001-000"), "--checkpoint", checkpoint,
                  "--data-dir", str(converted_dir), "--output-dir", str(tmp_path)]
-    target = tmp_path / "BraTS-GLI-00001-000_seg.nii.gz"
+    target = tmp_path / "BraTS-GLI-00001-000.nii.gz"
     target.write_bytes(b"precious")
     with pytest.raises(SystemExit):
         inference.main(arguments)
@@ -156,7 +157,7 @@ def test_the_checkpoint_says_how_to_prepare_cases_without_the_training_data(
     inference.main(arguments + ["--checkpoint", checkpoint, "--output-dir", str(tmp_path / "a")])
     output = capsys.readouterr().out
     assert f"preprocessing from {checkpoint}: " in output and "WARNING" not in output
-    assert os.path.exists(tmp_path / "a" / "BraTS-GLI-00001-000_seg.nii.gz")
+    assert os.path.exists(tmp_path / "a" / "BraTS-GLI-00001-000.nii.gz")
     plain = keras.models.load_model(checkpoint, compile=False)
     plain.save(tmp_path / "plain.keras")  # plain Keras: no description
     inference.main(arguments + ["--checkpoint", str(tmp_path / "plain.keras"), "--output-dir",
@@ -176,7 +177,7 @@ def test_small_enhancement_is_written_as_core_when_post_processing_asks(converte
     inference.main(["--input", str(release), "--checkpoint", str(tmp_path / "regions.keras"),
                     "--data-dir", str(converted_dir), "--output-dir", str(tmp_path / "out"),
                     "--min-enhancing-mm3", "1e9"])
-    labels = np.asarray(nib.load(tmp_path / "out" / "BraTS-GLI-00002-000_seg.nii.gz").dataobj)
+    labels = np.asarray(nib.load(tmp_path / "out" / "BraTS-GLI-00002-000.nii.gz").dataobj)
     assert set(np.unique(labels)) == {0, 1}  # enhancing (3 in BraTS 2023) became core (1)
     with open(tmp_path / "out" / "per_case_metrics.csv") as file:
         rows = list(csv.DictReader(file))
@@ -184,3 +185,39 @@ def test_small_enhancement_is_written_as_core_when_post_processing_asks(converte
     # (the model's own enhancing channel overlapped it) and 1 where it has none.
     dice = [float(row["enhancing_tumor_dice"]) for row in rows]
     assert set(dice) <= {0.0, 1.0} and 0.0 in dice
+
+
+# --- Outputs never replace inputs ------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["case", "inside"])
+def test_an_inference_folder_inside_an_input_folder_is_refused(checkpoint, release, tmp_path,
+                                                               where):
+    """`--input CASE --output-dir CASE --overwrite` once replaced the case's own label map."""
+    case_dir = tmp_path / "BraTS-GLI-00001-000"
+    shutil.copytree(release / "BraTS-GLI-00001-000", case_dir)
+    before = {name: (case_dir / name).read_bytes() for name in os.listdir(case_dir)}
+    output_dir = case_dir if where == "case" else case_dir / "predictions"
+    with pytest.raises(SystemExit, match=f"output folder {output_dir} overlaps the input"):
+        inference.main(["--input", str(case_dir), "--checkpoint", checkpoint,
+                        "--output-dir", str(output_dir), "--overwrite"])
+    assert {name: (case_dir / name).read_bytes() for name in os.listdir(case_dir)} == before
+
+
+def test_predictions_are_not_named_like_label_maps(checkpoint, release, tmp_path):
+    """Written next to a release, a prediction must never be read back as ground truth."""
+    inference.main(["--input", str(release), "--checkpoint", checkpoint,
+                    "--output-dir", str(tmp_path / "out")])
+    predictions = [name for name in os.listdir(tmp_path / "out") if name.endswith(".nii.gz")]
+    assert predictions and all(name == f"{case}.nii.gz" for name, case in
+                               zip(sorted(predictions), sorted(os.listdir(release))))
+    for layout in [layout for layout in layouts.LAYOUTS.values() if layout.file_names]:
+        label_suffix = layout.separator + layout.file_names["seg"] + ".nii"
+        assert not any(label_suffix in name for name in predictions)
+
+
+def test_a_busy_inference_folder_is_refused_naming_the_other_run(checkpoint, converted_dir,
+                                                                   tmp_path):
+    with folders.locked(tmp_path / "out"):
+        with pytest.raises(SystemExit, match=f"in use by another run \\(process {os.getpid()} "):
+            inference.main(["--data-dir", str(converted_dir), "--checkpoint", checkpoint,
+                            "--output-dir", str(tmp_path / "out")])

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from brainseg import folders
 from conftest import REPO_DIR, TINY_MODEL, run, weights_fingerprints
 
 
@@ -74,6 +75,20 @@ def test_a_failing_worker_takes_the_job_down_with_a_clear_message(tmp_path):
                  timeout=120)
     assert result.returncode != 0
     assert f"{tmp_path / 'missing'}/imgs_train.npy: not found" in result.stdout + result.stderr
+
+
+def test_a_second_training_into_a_busy_folder_is_refused_naming_the_first(converted_dir,
+                                                                           tmp_path):
+    """Two runs writing one TRAIN_DIR would interleave their checkpoints: while another run
+    (here this test process) holds the folder, both ranks stop before training."""
+    train_dir = tmp_path / "train"
+    with folders.locked(train_dir):
+        result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
+                      "--data-dir", str(converted_dir), "--train-dir", str(train_dir),
+                      "--epochs", "1", *TINY_MODEL], timeout=300)
+    assert result.returncode != 0
+    assert f"{train_dir}: in use by another run (process {os.getpid()} on " in result.stderr
+    assert not os.path.exists(train_dir) or not os.listdir(train_dir)
 
 
 def test_inference_without_a_checkpoint_names_the_file(converted_dir, tmp_path):
