@@ -3,8 +3,13 @@
 #   make test   the test suite
 PYTHON := .venv/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 1
-DEMO_RAW := data/raw
-DEMO_DATA := data/converted
+# The demo's own folders: settings.py's defaults (data/raw, data/converted, runs/train) are
+# where a user's real BraTS cases and runs live, with the same case IDs as the synthetic ones.
+# Nothing the demo writes or `clean` deletes is outside data/demo and runs/demo.
+DEMO_RAW := data/demo/raw
+DEMO_DATA := data/demo/converted
+DEMO_TRAIN := runs/demo/train
+DEMO_INFERENCE := runs/demo/inference
 DEMO_EPOCHS := 4  # settings.EPOCHS is 12: the demo trains a third of the recipe to stay quick
 
 .PHONY: setup demo test clean bench-training bench-precision test-multihost bench-multihost
@@ -15,9 +20,9 @@ setup:
 demo: setup
 	$(PYTHON) synthetic_brats.py --raw-dir $(DEMO_RAW)
 	$(PYTHON) converter.py --raw-dir $(DEMO_RAW) --data-dir $(DEMO_DATA)
-	./run_multinode.sh -- --data-dir $(DEMO_DATA) --train-dir runs/train --epochs $(DEMO_EPOCHS)
-	$(PYTHON) inference.py --data-dir $(DEMO_DATA) --train-dir runs/train \
-		--inference-dir runs/inference --overwrite
+	./run_multinode.sh -- --data-dir $(DEMO_DATA) --train-dir $(DEMO_TRAIN) --epochs $(DEMO_EPOCHS)
+	$(PYTHON) inference.py --data-dir $(DEMO_DATA) --train-dir $(DEMO_TRAIN) \
+		--inference-dir $(DEMO_INFERENCE) --overwrite
 
 test: setup
 	$(PYTHON) -m pytest -q tests
@@ -38,4 +43,4 @@ bench-multihost: setup
 	$(PYTHON) -m bench.multihost --json runs/bench_multihost.json
 
 clean:
-	rm -rf data runs
+	rm -rf data/demo runs/demo

@@ -1,10 +1,11 @@
 """Writes synthetic BraTS cases where the converter expects a release (brainseg/synthetic.py).
 
-    python synthetic_brats.py --raw-dir data/raw --synthetic-num-cases 24
+    python synthetic_brats.py --raw-dir data/demo/raw --synthetic-num-cases 24
 
 Real BraTS data is handed out only after registration, so the demo and the tests run on
 these: the same folders, file names, grid and labels as a BraTS release.
 """
+import sys
 import time
 
 from brainseg import cli, layouts, synthetic
@@ -30,9 +31,12 @@ def main(argv=None):
           f"{shape} voxels, "
           f"seed {args.SYNTHETIC_SEED}, into {args.RAW_DIR}")
     start = time.time()
-    folders = synthetic.write_dataset(args.RAW_DIR, args.SYNTHETIC_NUM_CASES,
-                                      args.SYNTHETIC_SEED, shape, args.layout, args.with_labels,
-                                      args.SYNTHETIC_KIND)
+    try:
+        folders = synthetic.write_dataset(args.RAW_DIR, args.SYNTHETIC_NUM_CASES,
+                                          args.SYNTHETIC_SEED, shape, args.layout,
+                                          args.with_labels, args.SYNTHETIC_KIND)
+    except ValueError as error:
+        sys.exit(f"ERROR: {error}")
     print(f"Wrote {len(folders)} cases to {args.RAW_DIR} in {time.time() - start:.1f} s")
 
 

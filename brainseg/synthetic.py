@@ -307,11 +307,32 @@ def _case_seed(seed, index):
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+# Marks a folder as the generator's own: the only folder whose cases it may overwrite.
+MARKER = ".synthetic_brats"
+
+
+def claim_folder(root):
+    """Refuses a folder that holds anything the generator did not write there: synthetic
+    cases carry real BraTS IDs (BraTS20_Training_001...), so a user's release in that folder
+    would be overwritten case by case. Marks an empty or new folder as the generator's."""
+    if os.path.isdir(root) and not os.path.exists(os.path.join(root, MARKER)):
+        found = sorted(os.listdir(root))
+        if found:
+            raise ValueError(f"{root}: holds files this generator did not write "
+                             f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
+                             f"synthetic cases go to a new or empty folder")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, MARKER), "w") as file:
+        file.write("Synthetic BraTS cases written by synthetic_brats.py; not real data.\n")
+
+
 def write_dataset(root, num_cases, seed, shape=(240, 240, 155), layout="brats2020",
                   with_labels=True, kind="cartoon"):
-    """Write cases 1..num_cases (overwriting) of a kind in `layout`; returns their folders."""
+    """Write cases 1..num_cases (overwriting earlier synthetic ones) of a kind in `layout`
+    into a folder that is new, empty or the generator's own; returns their folders."""
     if kind not in KINDS:
         raise ValueError(f"synthetic kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    claim_folder(root)
     written = [write_case(root, index, _case_seed(seed, index), shape, layout, with_labels, kind)
                for index in tqdm(range(1, num_cases + 1), desc="synthetic cases", unit="case")]
     if layout == "msd":

@@ -180,6 +180,11 @@ def save(path, array):
     nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
 
 
+def case_names(root):
+    """The case folders of a release (not the generator's hidden marker file)."""
+    return sorted(name for name in os.listdir(root) if not name.startswith("."))
+
+
 def file_of(folder, kind):
     return next(folder / name for name in os.listdir(folder) if f"_{kind}." in name)
 
@@ -249,7 +254,7 @@ def raw_copy(raw_dir, tmp_path):
                                     mismatch_shape, nan_voxels, unknown_label, four_dimensional])
 def test_a_bad_case_is_skipped_with_the_file_and_problem_named(raw_copy, tmp_path, capsys,
                                                                damage):
-    cases = sorted(os.listdir(raw_copy))
+    cases = case_names(raw_copy)
     named_path, problem = damage(raw_copy / cases[0])
     convert(raw_copy, tmp_path / "out")
     output = capsys.readouterr().out
@@ -285,7 +290,7 @@ def test_two_cases_with_the_same_id_are_both_skipped(tmp_path):
 
 
 def test_nothing_converted_fails_and_writes_nothing(raw_copy, tmp_path):
-    for case in os.listdir(raw_copy):
+    for case in case_names(raw_copy):
         file_of(raw_copy / case, "seg").write_bytes(b"this is not a NIfTI file")
     with pytest.raises(SystemExit, match="could not be converted"):
         convert(raw_copy, tmp_path / "out")
@@ -294,7 +299,7 @@ def test_nothing_converted_fails_and_writes_nothing(raw_copy, tmp_path):
 
 
 def test_strict_fails_on_any_skipped_case_and_writes_nothing(raw_copy, tmp_path):
-    remove_modality(raw_copy / sorted(os.listdir(raw_copy))[0])
+    remove_modality(raw_copy / case_names(raw_copy)[0])
     with pytest.raises(SystemExit, match="--strict"):
         convert(raw_copy, tmp_path / "out", "--strict", "true")
     assert not os.path.exists(tmp_path / "out")

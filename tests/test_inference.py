@@ -1,6 +1,7 @@
 """inference.py and metrics.py: BraTS metrics against hand-computed answers and an independent
 implementation, NIfTI in and out on the scan's grid, release label conventions, bad input."""
 import csv
+import glob
 import os
 import shutil
 
@@ -209,7 +210,7 @@ def test_predictions_are_not_named_like_label_maps(checkpoint, release, tmp_path
                     "--output-dir", str(tmp_path / "out")])
     predictions = [name for name in os.listdir(tmp_path / "out") if name.endswith(".nii.gz")]
     assert predictions and all(name == f"{case}.nii.gz" for name, case in
-                               zip(sorted(predictions), sorted(os.listdir(release))))
+                               zip(sorted(predictions), sorted(glob.glob("BraTS*", root_dir=release))))
     for layout in [layout for layout in layouts.LAYOUTS.values() if layout.file_names]:
         label_suffix = layout.separator + layout.file_names["seg"] + ".nii"
         assert not any(label_suffix in name for name in predictions)

@@ -47,7 +47,7 @@ def test_write_dataset_layout_and_nifti_headers(tmp_path):
     folders = write_dataset(tmp_path / "three", 3, seed, SMALL_SHAPE)
     expected = [case_id(i) for i in (1, 2, 3)]
     assert [os.path.basename(f) for f in folders] == expected
-    assert sorted(os.listdir(tmp_path / "three")) == expected
+    assert sorted(os.listdir(tmp_path / "three")) == [synthetic.MARKER, *expected]
     for case in expected:
         folder = tmp_path / "three" / case
         # Exactly the five files: no temporary file of the atomic write is left behind.
@@ -158,7 +158,7 @@ def test_tumors_vary_in_position_and_size():
 def test_command_line_writes_the_requested_cases(tmp_path, capsys):
     synthetic_brats.main(["--out-dir", str(tmp_path), "--num-cases", "2", "--seed", "5",
                           "--shape", "32", "32", "20"])
-    assert sorted(os.listdir(tmp_path)) == [case_id(1), case_id(2)]
+    assert sorted(os.listdir(tmp_path)) == [synthetic.MARKER, case_id(1), case_id(2)]
     image = nib.load(tmp_path / case_id(2) / f"{case_id(2)}_flair.nii.gz")
     assert image.shape == (32, 32, 20)
     output = capsys.readouterr().out
@@ -174,3 +174,16 @@ def test_realistic_kind_writes_brats_cases_and_an_unknown_kind_is_refused(tmp_pa
     assert not np.array_equal(seg, cartoon)
     with pytest.raises(ValueError, match="realistic"):
         write_dataset(str(tmp_path), 1, seed=3, shape=SMALL_SHAPE, kind="photographic")
+
+
+def test_the_generator_refuses_a_folder_it_did_not_write(tmp_path):
+    """Synthetic cases carry real BraTS IDs: they must not overwrite a user's release."""
+    release = tmp_path / "release"
+    (release / "BraTS20_Training_001").mkdir(parents=True)
+    (release / "BraTS20_Training_001" / "BraTS20_Training_001_flair.nii.gz").write_bytes(b"real")
+    with pytest.raises(ValueError, match="holds files this generator did not write"):
+        write_dataset(release, 1, seed=3, shape=SMALL_SHAPE)
+    assert os.listdir(release / "BraTS20_Training_001") == ["BraTS20_Training_001_flair.nii.gz"]
+    write_dataset(tmp_path / "mine", 1, seed=3, shape=SMALL_SHAPE)
+    write_dataset(tmp_path / "mine", 2, seed=4, shape=SMALL_SHAPE)  # its own folder: rewritten
+    assert len([name for name in os.listdir(tmp_path / "mine") if name.startswith("BraTS")]) == 2
