@@ -13,7 +13,8 @@ Whatever the release, a case is read as volumes in MODALITIES order (flair, t1, 
 labels in the BraTS 2017-2020 convention used everywhere else in this project: 1 necrotic and
 non-enhancing core, 2 edema, 4 enhancing tumor (to_internal_labels); segmentations are
 written back in the release's own convention (to_release_labels), on the grid of the case's
-reference image (write_like_reference). Each file may be .nii.gz or .nii.
+reference image (like_reference). Each file may be .nii.gz or .nii; brainseg/nifti.py checks
+its header before reading it.
 """
 import dataclasses
 import glob
@@ -21,6 +22,8 @@ import os
 
 import nibabel as nib
 import numpy as np
+
+from brainseg import nifti
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of every image array
 MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")  # FLAIR, T1w, T1gd, T2w in the 4-D files
@@ -165,18 +168,12 @@ def find_cases(root, layout="auto"):
 
 
 def read_volume(path, ndim=3):
-    """A float32 volume with `ndim` dimensions, or CaseError naming the file and problem."""
-    if not os.path.exists(path):
-        raise CaseError(f"{path}: file not found")
+    """A float32 volume with `ndim` dimensions, the header checked before any voxel is read;
+    CaseError naming the file and the problem (brainseg/nifti.py)."""
     try:
-        volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    except Exception as error:  # nibabel and gzip raise many types for damaged files
-        raise CaseError(f"{path}: unreadable NIfTI ({type(error).__name__}: {error})") from error
-    if volume.ndim != ndim:
-        raise CaseError(f"{path}: expected a {ndim}-D volume, got shape {volume.shape}")
-    if not np.isfinite(volume).all():
-        raise CaseError(f"{path}: contains NaN or infinite voxels")
-    return volume
+        return nifti.read(path, ndim)
+    except nifti.NiftiError as error:
+        raise CaseError(str(error)) from error
 
 
 def read_images(case):
