@@ -24,7 +24,7 @@ import keras
 import nibabel as nib
 import numpy as np
 
-from brainseg import (checkpoints, cli, dataset, figures, hardware, layouts, metrics,
+from brainseg import (checkpoints, cli, dataset, figures, hardware, layouts, metrics, nifti,
                       postprocessing, preprocessing)
 from brainseg.atomic import OutputFolder
 
@@ -211,7 +211,7 @@ def segment_case(model, case, options, args, output):
     probabilities = preprocessing.to_volume(slice_probabilities, geometry, image.shape[:3])
 
     reference = layouts.reference_image(case)
-    spacing = reference.header.get_zooms()[:3]
+    spacing = nifti.canonical_grid(reference).zooms  # the axes of `image`, not the file's
     internal, masks = segmentation(probabilities > 0.5, spacing, options.label_mode, args)
     release = layouts.to_release_labels(internal, case.layout)
     output.write(f"{case.case_id}_seg.nii.gz",

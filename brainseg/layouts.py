@@ -14,7 +14,7 @@ labels in the BraTS 2017-2020 convention used everywhere else in this project: 1
 non-enhancing core, 2 edema, 4 enhancing tumor (to_internal_labels); segmentations are
 written back in the release's own convention (to_release_labels), on the grid of the case's
 reference image (like_reference). Each file may be .nii.gz or .nii; brainseg/nifti.py checks
-its header before reading it.
+its header before reading it and reads it in one orientation, whatever the file's.
 """
 import dataclasses
 import glob
@@ -168,35 +168,51 @@ def find_cases(root, layout="auto"):
 
 
 def read_volume(path, ndim=3):
-    """A float32 volume with `ndim` dimensions, the header checked before any voxel is read;
-    CaseError naming the file and the problem (brainseg/nifti.py)."""
+    """(float32 volume in the canonical orientation, its nifti.Grid), the header checked
+    before any voxel is read; CaseError naming the file and the problem (brainseg/nifti.py)."""
     try:
         return nifti.read(path, ndim)
     except nifti.NiftiError as error:
         raise CaseError(str(error)) from error
 
 
+def check_same_grid(path, grid, reference_path, reference):
+    """CaseError unless a file's voxels are those of the case's reference file: a label map
+    or a modality on another grid would pair voxels of different places."""
+    if grid.shape != reference.shape:
+        raise CaseError(f"{path}: shape {grid.shape} differs from {reference_path} "
+                        f"{reference.shape}")
+    distance = reference.distance(grid)
+    if distance > nifti.GRID_TOLERANCE_VOXELS:
+        raise CaseError(f"{path}: its voxels lie up to {distance:.3g} voxels from those of "
+                        f"{reference_path} (the modalities and label map of a case must "
+                        f"share one grid)")
+
+
 def read_images(case):
-    """[X, Y, Z, len(MODALITIES)] float32, channels in MODALITIES order."""
+    """([X, Y, Z, len(MODALITIES)] float32, channels in MODALITIES order, and their grid)."""
     if case.layout == "msd":
-        image = read_volume(case.images[MODALITIES[0]], ndim=4)
+        path = case.images[MODALITIES[0]]
+        image, grid = read_volume(path, ndim=4)
         if image.shape[3] != len(MSD_CHANNELS):
-            raise CaseError(f"{case.images[MODALITIES[0]]}: expected {len(MSD_CHANNELS)} channels "
+            raise CaseError(f"{path}: expected {len(MSD_CHANNELS)} channels "
                             f"(FLAIR, T1w, T1gd, T2w), got {image.shape[3]}")
-        return image[..., [MSD_CHANNELS.index(modality) for modality in MODALITIES]]
-    channels = [read_volume(case.images[modality]) for modality in MODALITIES]
-    for modality, channel in zip(MODALITIES, channels):
-        if channel.shape != channels[0].shape:
-            raise CaseError(f"{case.images[modality]}: shape {channel.shape} differs from "
-                            f"{case.images[MODALITIES[0]]} {channels[0].shape}")
-    return np.stack(channels, axis=-1)
+        return image[..., [MSD_CHANNELS.index(modality) for modality in MODALITIES]], grid
+    reference_path = case.images[MODALITIES[0]]
+    reference, grid = read_volume(reference_path)
+    channels = [reference]
+    for modality in MODALITIES[1:]:
+        channel, channel_grid = read_volume(case.images[modality])
+        check_same_grid(case.images[modality], channel_grid, reference_path, grid)
+        channels.append(channel)
+    return np.stack(channels, axis=-1), grid
 
 
-def read_labels(case, shape):
-    """The label map in the internal convention, or CaseError for unknown values."""
-    labels = read_volume(case.label)
-    if labels.shape != shape:
-        raise CaseError(f"{case.label}: shape {labels.shape} differs from the images' {shape}")
+def read_labels(case, grid):
+    """The label map in the internal convention, on the images' grid; CaseError for
+    another grid or unknown values."""
+    labels, label_grid = read_volume(case.label)
+    check_same_grid(case.label, label_grid, case.images[MODALITIES[0]], grid)
     label_map = LAYOUTS[case.layout].label_map
     values = np.unique(labels)
     unknown = sorted(set(values.astype(int).tolist()) - set(label_map)) if np.all(
@@ -225,11 +241,12 @@ def to_release_labels(labels, layout):
 
 
 def read_case(case):
-    """(image [X, Y, Z, 4] float32, labels [X, Y, Z] uint8 or None); CaseError if unusable."""
+    """(image [X, Y, Z, 4] float32, labels [X, Y, Z] uint8 or None), both in the canonical
+    orientation (nifti.CANONICAL_AXES: axis 2 axial); CaseError if unusable."""
     if case.problem:
         raise CaseError(case.problem)
-    image = read_images(case)
-    labels = read_labels(case, image.shape[:3]) if case.label else None
+    image, grid = read_images(case)
+    labels = read_labels(case, grid) if case.label else None
     return image, labels
 
 
@@ -239,8 +256,17 @@ def reference_image(case):
     return nib.load(case.images[MODALITIES[0]])
 
 
+def case_grid(case):
+    """Shape and voxel spacing (mm) of a case's volumes as read_case returns them (in the
+    canonical orientation), from the reference image's header alone."""
+    grid = nifti.canonical_grid(reference_image(case))
+    return {"shape": [int(n) for n in grid.shape], "spacing": [float(mm) for mm in grid.zooms]}
+
+
 def like_reference(volume, reference):
-    """A NIfTI of `volume` on the reference scan's grid: same affine and header fields."""
+    """A NIfTI of `volume`, given in the canonical orientation as read_case returns a case,
+    on the reference scan's grid: in its voxel order, with its affine and header fields."""
+    volume = nifti.from_canonical(volume, reference)
     header = reference.header.copy()
     header.set_data_shape(volume.shape)
     header.set_data_dtype(volume.dtype)

@@ -180,7 +180,8 @@ def test_empty_root_is_a_clear_error(tmp_path):
 # --- Bad input -----------------------------------------------------------------------------
 
 def save(path, array):
-    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+    """Replaces a case's file with `array` on the file's own grid (its affine kept)."""
+    nib.save(nib.Nifti1Image(array, nib.load(path).affine), str(path))
 
 
 def file_of(folder, kind):

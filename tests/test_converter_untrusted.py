@@ -1,6 +1,7 @@
 """converter.py on NIfTI files that lie or surprise (issue 13, "Untrusted NIfTI"): absurd
-headers are skipped with the file and the problem named; a trailing dimension of 1 converts
-to exactly the arrays of the ordinary case."""
+headers and modalities on different grids are skipped with the file and the problem named;
+other orientations and a trailing dimension of 1 convert to exactly the arrays of the
+ordinary case."""
 import os
 import shutil
 
@@ -8,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brainseg import dataset
+from brainseg import dataset, synthetic
 from conftest import SMALL_SHAPE, convert
-from test_layouts import lying_header
+from test_layouts import ORIENTATIONS, lying_header, reorient
 
 MESSAGE_LIMIT = 300  # characters: a reason in a log line, not a dump
 
@@ -63,8 +64,26 @@ def more_than_the_file_holds(folder):
     return path, "the file holds"
 
 
+def modality_on_a_shifted_grid(folder):
+    """Same shape, but the affine puts the voxels 3 mm away: not the same scan grid."""
+    path = file_of(folder, "t1")
+    image = nib.load(path)
+    affine = image.affine.copy()
+    affine[:3, 3] += [3.0, 0.0, 0.0]
+    replace(path, np.asarray(image.dataobj), affine)
+    return path, "must share one grid"
+
+
+def labels_on_another_grid(folder):
+    path = file_of(folder, "seg")
+    image = nib.load(path)
+    replace(path, np.asarray(image.dataobj), image.affine @ np.diag([2.0, 2.0, 2.0, 1.0]))
+    return path, "must share one grid"
+
+
 @pytest.mark.parametrize("damage", [
-    absurd_voxel_count, more_than_gzip_can_hold, more_than_the_file_holds])
+    absurd_voxel_count, more_than_gzip_can_hold, more_than_the_file_holds,
+    modality_on_a_shifted_grid, labels_on_another_grid])
 def test_an_untrusted_case_is_skipped_with_a_short_reason_naming_the_file(
         raw_copy, tmp_path, capsys, damage):
     cases = sorted(os.listdir(raw_copy))
@@ -86,6 +105,53 @@ def test_an_untrusted_case_is_skipped_with_a_short_reason_naming_the_file(
 
 
 # --- Surprising but valid input: the same arrays as the ordinary case -----------------------
+
+def reoriented_release(raw_dir, root, orientation_of):
+    """A copy of the release with every file stored in orientation_of(file name)."""
+    shutil.copytree(raw_dir, root)
+    for path in sorted(root.glob("*/*.nii.gz")):
+        reorient(path, orientation_of(path.name))
+    return root
+
+
+MIXED = {"flair": ("R", "A", "S"), "t1": ("R", "S", "A"), "t1ce": ("L", "P", "S"),
+         "t2": ("A", "I", "L"), "seg": ("S", "R", "P")}  # one case, five orientations
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "coronal", "mixed"])
+def test_any_orientation_converts_to_the_arrays_of_the_brats_one(
+        raw_dir, converted_dir, tmp_path, orientation):
+    """The synthetic cases are stored as BraTS stores them (LPS); the same voxels stored
+    mirrored, with axis 2 front to back, or each file of a case differently, must reach the
+    model as exactly the same slices."""
+    def orientation_of(name):
+        kind = name.split("_")[-1].split(".")[0]
+        return MIXED[kind] if orientation == "mixed" else ORIENTATIONS[orientation]
+    root = reoriented_release(raw_dir, tmp_path / "raw", orientation_of)
+    convert(root, tmp_path / "out")
+    assert read_arrays(tmp_path / "out") == read_arrays(converted_dir)
+    entries, expected = (
+        {split: [{k: v for k, v in entry.items() if k not in ("images", "label")}
+                 for entry in entries]
+         for split, entries in dataset.load_manifest(folder)["splits"].items()}
+        for folder in (tmp_path / "out", converted_dir))
+    assert entries == expected  # shape and spacing of the grid the slices are cut from
+
+
+def test_a_4d_decathlon_file_in_another_orientation(tmp_path):
+    """The Decathlon's 4-D images and its label maps, stored RAS and coronal: the arrays of
+    the same cases in the BraTS layout."""
+    for layout in ("brats2020", "msd"):
+        synthetic.write_dataset(str(tmp_path / layout), 2, seed=11, shape=SMALL_SHAPE,
+                                layout=layout)
+    for path in (tmp_path / "msd" / "imagesTr").iterdir():
+        reorient(path, ORIENTATIONS["RAS"])
+    for path in (tmp_path / "msd" / "labelsTr").iterdir():
+        reorient(path, ORIENTATIONS["coronal"])
+    for layout in ("brats2020", "msd"):
+        convert(tmp_path / layout, tmp_path / f"{layout}_out")
+    assert read_arrays(tmp_path / "msd_out") == read_arrays(tmp_path / "brats2020_out")
+
 
 def test_a_trailing_dimension_of_one_converts_like_the_3d_file(raw_copy, converted_dir,
                                                                tmp_path):
