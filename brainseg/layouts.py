@@ -23,7 +23,7 @@ import os
 import nibabel as nib
 import numpy as np
 
-from brainseg import nifti
+from brainseg import nifti, preprocessing
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of every image array
 MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")  # FLAIR, T1w, T1gd, T2w in the 4-D files
@@ -189,6 +189,16 @@ def check_same_grid(path, grid, reference_path, reference):
                         f"share one grid)")
 
 
+def check_scan(where, volume):
+    """CaseError for a scan the normalization cannot use: values so large that its float32
+    statistics would overflow into NaN (preprocessing.max_intensity)."""
+    peak = float(max(volume.max(), -volume.min()))
+    limit = preprocessing.max_intensity(volume.size)
+    if peak > limit:
+        raise CaseError(f"{where}: values up to {peak:.3g} would overflow the float32 "
+                        f"normalization (at most {limit:.3g} for {volume.size:,} voxels)")
+
+
 def read_images(case):
     """([X, Y, Z, len(MODALITIES)] float32, channels in MODALITIES order, and their grid)."""
     if case.layout == "msd":
@@ -197,13 +207,18 @@ def read_images(case):
         if image.shape[3] != len(MSD_CHANNELS):
             raise CaseError(f"{path}: expected {len(MSD_CHANNELS)} channels "
                             f"(FLAIR, T1w, T1gd, T2w), got {image.shape[3]}")
-        return image[..., [MSD_CHANNELS.index(modality) for modality in MODALITIES]], grid
+        image = image[..., [MSD_CHANNELS.index(modality) for modality in MODALITIES]]
+        for channel, modality in enumerate(MODALITIES):
+            check_scan(f"{path} ({modality} channel)", image[..., channel])
+        return image, grid
     reference_path = case.images[MODALITIES[0]]
     reference, grid = read_volume(reference_path)
+    check_scan(reference_path, reference)
     channels = [reference]
     for modality in MODALITIES[1:]:
         channel, channel_grid = read_volume(case.images[modality])
         check_same_grid(case.images[modality], channel_grid, reference_path, grid)
+        check_scan(case.images[modality], channel)
         channels.append(channel)
     return np.stack(channels, axis=-1), grid
 

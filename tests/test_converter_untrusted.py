@@ -1,7 +1,7 @@
 """converter.py on NIfTI files that lie or surprise (issue 13, "Untrusted NIfTI"): absurd
-headers and modalities on different grids are skipped with the file and the problem named;
-other orientations and a trailing dimension of 1 convert to exactly the arrays of the
-ordinary case."""
+headers, intensities that overflow the normalization and modalities on different grids are
+skipped with the file and the problem named; other orientations and a trailing dimension of
+1 convert to exactly the arrays of the ordinary case."""
 import os
 import shutil
 
@@ -30,6 +30,10 @@ def replace(path, array, affine=None):
     """Rewrites a case's file with `array`, on the file's own grid unless told otherwise."""
     image = nib.load(path)
     nib.save(nib.Nifti1Image(array, image.affine if affine is None else affine), str(path))
+
+
+def voxels(path, dtype=np.float32):
+    return np.asarray(nib.load(path).dataobj, dtype)
 
 
 @pytest.fixture()
@@ -64,6 +68,28 @@ def more_than_the_file_holds(folder):
     return path, "the file holds"
 
 
+def overflowing_voxel(folder):
+    path = file_of(folder, "flair")
+    volume = voxels(path)
+    volume[24, 24, 12] = 1e38  # finite in float32; its square is not
+    replace(path, volume)
+    return path, "overflow"
+
+
+def overflowing_scale(folder):
+    path = file_of(folder, "t2")
+    replace(path, voxels(path) * np.float32(1e34))  # every value finite, their sum is not
+    return path, "overflow"
+
+
+def infinite_voxel(folder):
+    path = file_of(folder, "t1ce")
+    volume = voxels(path)
+    volume[24, 24, 12] = np.inf
+    replace(path, volume)
+    return path, "NaN or infinite"
+
+
 def modality_on_a_shifted_grid(folder):
     """Same shape, but the affine puts the voxels 3 mm away: not the same scan grid."""
     path = file_of(folder, "t1")
@@ -82,8 +108,8 @@ def labels_on_another_grid(folder):
 
 
 @pytest.mark.parametrize("damage", [
-    absurd_voxel_count, more_than_gzip_can_hold, more_than_the_file_holds,
-    modality_on_a_shifted_grid, labels_on_another_grid])
+    absurd_voxel_count, more_than_gzip_can_hold, more_than_the_file_holds, overflowing_voxel,
+    overflowing_scale, infinite_voxel, modality_on_a_shifted_grid, labels_on_another_grid])
 def test_an_untrusted_case_is_skipped_with_a_short_reason_naming_the_file(
         raw_copy, tmp_path, capsys, damage):
     cases = sorted(os.listdir(raw_copy))
