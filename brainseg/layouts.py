@@ -230,12 +230,22 @@ def read_labels(case, grid):
     check_same_grid(case.label, label_grid, case.images[MODALITIES[0]], grid)
     label_map = LAYOUTS[case.layout].label_map
     values = np.unique(labels)
-    unknown = sorted(set(values.astype(int).tolist()) - set(label_map)) if np.all(
-        values == np.round(values)) else values.tolist()
+    fractional = values[values != np.round(values)].tolist()
+    if fractional:
+        raise CaseError(f"{case.label}: not a label map: non-integer values "
+                        f"{_few(fractional, 3)}")
+    unknown = [value for value in values.tolist() if value not in label_map]
     if unknown:
-        raise CaseError(f"{case.label}: label values {unknown} outside the {case.layout} set "
-                        f"{sorted(label_map)}")
+        raise CaseError(f"{case.label}: label values {_few(unknown)} outside the "
+                        f"{case.layout} set {sorted(label_map)}")
     return to_internal_labels(labels, case.layout)
+
+
+def _few(values, limit=5):
+    """The first values of a list, and how many there are, for a message of one line:
+    "[10, 11, 12, 13, 14, ...] (240 values)"."""
+    shown = ", ".join(f"{value:g}" for value in values[:limit])
+    return f"[{shown}]" if len(values) <= limit else f"[{shown}, ...] ({len(values)} values)"
 
 
 def to_internal_labels(labels, layout):

@@ -1,7 +1,8 @@
 """converter.py on NIfTI files that lie or surprise (issue 13, "Untrusted NIfTI"): absurd
-headers, intensities that overflow the normalization and modalities on different grids are
-skipped with the file and the problem named; other orientations and a trailing dimension of
-1 convert to exactly the arrays of the ordinary case."""
+headers, intensities that overflow the normalization, label maps that are not and modalities
+on different grids are skipped with the file and the problem named in a short message; other
+orientations and a trailing dimension of 1 convert to exactly the arrays of the ordinary
+case."""
 import os
 import shutil
 
@@ -90,6 +91,26 @@ def infinite_voxel(folder):
     return path, "NaN or infinite"
 
 
+def fractional_labels(folder):
+    """Labels 1 and 2 stored as 0.5 and 1.7, and a strip of thousands of distinct
+    non-integers (a probability map, or a label map resampled linearly)."""
+    path = file_of(folder, "seg")
+    labels = voxels(path)
+    labels[labels == 1], labels[labels == 2] = 0.5, 1.7
+    labels[:, :, 0] = np.random.default_rng(0).uniform(2.01, 2.99, labels.shape[:2])
+    replace(path, labels)
+    return path, "non-integer"
+
+
+def many_unknown_labels(folder):
+    path = file_of(folder, "seg")
+    labels = np.asarray(nib.load(path).dataobj).astype(np.uint8)
+    strip = labels[:, :, 0].size
+    labels[:, :, 0] = (10 + np.arange(strip) % 240).reshape(labels.shape[:2])  # 240 unknown
+    replace(path, labels)
+    return path, "outside the brats2020 set"
+
+
 def modality_on_a_shifted_grid(folder):
     """Same shape, but the affine puts the voxels 3 mm away: not the same scan grid."""
     path = file_of(folder, "t1")
@@ -109,7 +130,8 @@ def labels_on_another_grid(folder):
 
 @pytest.mark.parametrize("damage", [
     absurd_voxel_count, more_than_gzip_can_hold, more_than_the_file_holds, overflowing_voxel,
-    overflowing_scale, infinite_voxel, modality_on_a_shifted_grid, labels_on_another_grid])
+    overflowing_scale, infinite_voxel, fractional_labels, many_unknown_labels,
+    modality_on_a_shifted_grid, labels_on_another_grid])
 def test_an_untrusted_case_is_skipped_with_a_short_reason_naming_the_file(
         raw_copy, tmp_path, capsys, damage):
     cases = sorted(os.listdir(raw_copy))
@@ -128,6 +150,20 @@ def test_an_untrusted_case_is_skipped_with_a_short_reason_naming_the_file(
     for split in content["splits"]:
         imgs, _ = dataset.open_split(tmp_path / "out", split)
         assert np.isfinite(imgs).all()
+
+
+def test_the_short_label_messages_show_a_few_values(raw_copy, tmp_path):
+    cases = sorted(os.listdir(raw_copy))
+    fractional_labels(raw_copy / cases[0])
+    many_unknown_labels(raw_copy / cases[1])
+    convert(raw_copy, tmp_path / "out")
+    skipped = {entry["case"]: entry["error"]
+               for entry in dataset.load_manifest(tmp_path / "out")["skipped"]}
+    first, second = skipped[cases[0]], skipped[cases[1]]
+    assert "0.5" in first and "1.7" in first  # examples, not every value
+    shown = second.split("label values [")[1].split("]")[0]
+    assert shown.startswith("10, 11, 12") and "..." in shown and len(shown.split(",")) <= 6
+    assert "240 values" in second
 
 
 # --- Surprising but valid input: the same arrays as the ordinary case -----------------------
