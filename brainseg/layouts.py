@@ -190,8 +190,11 @@ def check_same_grid(path, grid, reference_path, reference):
 
 
 def check_scan(where, volume):
-    """CaseError for a scan the normalization cannot use: values so large that its float32
-    statistics would overflow into NaN (preprocessing.max_intensity)."""
+    """CaseError for a scan the normalization cannot use: all zeros (no scan in the file: a
+    blank channel, or with the others a case without brain), or values so large that its
+    float32 statistics would overflow into NaN (preprocessing.max_intensity)."""
+    if not volume.any():
+        raise CaseError(f"{where}: every voxel is zero (an empty scan)")
     peak = float(max(volume.max(), -volume.min()))
     limit = preprocessing.max_intensity(volume.size)
     if peak > limit:

@@ -1,6 +1,6 @@
 """converter.py on NIfTI files that lie or surprise (issue 13, "Untrusted NIfTI"): absurd
-headers, intensities that overflow the normalization, label maps that are not and modalities
-on different grids are skipped with the file and the problem named in a short message; other
+headers, intensities that overflow the normalization, label maps that are not, empty scans,
+modalities on different grids are skipped with the file and the problem named; other
 orientations and a trailing dimension of 1 convert to exactly the arrays of the ordinary
 case."""
 import os
@@ -111,6 +111,19 @@ def many_unknown_labels(folder):
     return path, "outside the brats2020 set"
 
 
+def every_modality_zero(folder):
+    for kind in ("flair", "t1", "t1ce", "t2"):
+        path = file_of(folder, kind)
+        replace(path, np.zeros(SMALL_SHAPE, np.int16))
+    return file_of(folder, "flair"), "every voxel is zero"
+
+
+def one_modality_zero(folder):
+    path = file_of(folder, "t1ce")
+    replace(path, np.zeros(SMALL_SHAPE, np.int16))
+    return path, "every voxel is zero"
+
+
 def modality_on_a_shifted_grid(folder):
     """Same shape, but the affine puts the voxels 3 mm away: not the same scan grid."""
     path = file_of(folder, "t1")
@@ -131,7 +144,7 @@ def labels_on_another_grid(folder):
 @pytest.mark.parametrize("damage", [
     absurd_voxel_count, more_than_gzip_can_hold, more_than_the_file_holds, overflowing_voxel,
     overflowing_scale, infinite_voxel, fractional_labels, many_unknown_labels,
-    modality_on_a_shifted_grid, labels_on_another_grid])
+    every_modality_zero, one_modality_zero, modality_on_a_shifted_grid, labels_on_another_grid])
 def test_an_untrusted_case_is_skipped_with_a_short_reason_naming_the_file(
         raw_copy, tmp_path, capsys, damage):
     cases = sorted(os.listdir(raw_copy))
