@@ -24,8 +24,8 @@ import keras
 import nibabel as nib
 import numpy as np
 
-from brainseg import (checkpoints, cli, dataset, figures, hardware, layouts, metrics, nifti,
-                      postprocessing, preprocessing)
+from brainseg import (checkpoints, cli, dataset, figures, hardware, json_names, layouts,
+                      metrics, nifti, postprocessing, preprocessing)
 from brainseg.atomic import OutputFolder
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "CHECKPOINT", "INFERENCE_DIR", "INFERENCE_BATCH_SIZE",
@@ -142,6 +142,8 @@ def infer_arrays(model, args, output):
     if manifest is None:
         raise InferenceError(f"{dataset.manifest_path(args.DATA_DIR)}: not found; "
                              f"the per-case scores need the converter's manifest")
+    for entry in manifest["splits"]["test"]:  # case names become output file names
+        json_names.check(entry["case"], dataset.manifest_path(args.DATA_DIR), "case")
     options = preprocessing.Preprocessing(**manifest["preprocessing"])
     imgs, msks = dataset.open_split(args.DATA_DIR, "test")
     imgs_path = dataset.split_paths(args.DATA_DIR, "test")[0]

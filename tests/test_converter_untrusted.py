@@ -2,7 +2,8 @@
 headers, intensities that overflow the normalization, label maps that are not, empty scans,
 modalities on different grids are skipped with the file and the problem named; other
 orientations and a trailing dimension of 1 convert to exactly the arrays of the ordinary
-case."""
+case; names in a release's JSON file do not lead anywhere."""
+import json
 import os
 import shutil
 
@@ -237,3 +238,21 @@ def test_a_trailing_dimension_of_one_converts_like_the_3d_file(raw_copy, convert
     convert(raw_copy, tmp_path / "out")
     assert dataset.load_manifest(tmp_path / "out")["skipped"] == []
     assert read_arrays(tmp_path / "out") == read_arrays(converted_dir)
+
+
+# --- Names from JSON files -----------------------------------------------------------------
+
+def test_the_decathlon_dataset_json_names_no_file_that_is_read(tmp_path):
+    """The Decathlon layout finds its cases in imagesTr/ and labelsTr/ and never follows the
+    paths listed in dataset.json, so hostile entries there reach nothing."""
+    root = tmp_path / "msd"
+    synthetic.write_dataset(str(root), 2, seed=11, shape=SMALL_SHAPE, layout="msd")
+    description = json.loads((root / "dataset.json").read_text())
+    description["training"] = [{"image": "../../outside/BRATS_666.nii.gz",
+                                "label": "/etc/passwd"}]
+    (root / "dataset.json").write_text(json.dumps(description))
+    convert(root, tmp_path / "out")
+    content = dataset.load_manifest(tmp_path / "out")
+    converted = sorted(entry["case"] for entries in content["splits"].values()
+                       for entry in entries)
+    assert converted == ["BRATS_001", "BRATS_002"] and content["skipped"] == []

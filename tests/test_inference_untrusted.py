@@ -1,5 +1,8 @@
 """inference.py on untrusted input (issue 13): a case stored in another orientation gets
-the segmentation of the ordinary case, written on its own grid."""
+the segmentation of the ordinary case, written on its own grid; case names read from a
+manifest cannot lead outside the output folder."""
+import json
+import os
 import shutil
 
 import keras
@@ -52,3 +55,23 @@ def test_a_case_in_another_orientation_is_segmented_on_its_own_grid(untrained_mo
             np.testing.assert_array_equal(written.affine, scan.affine)
             np.testing.assert_array_equal(np.asarray(written.dataobj),
                                           np.asarray(expected.as_reoriented(transform).dataobj))
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_a_manifest_case_name_leading_outside_is_refused(converted_dir, untrained_model,
+                                                         tmp_path, relative):
+    """The manifest is JSON anyone could edit; its case names become output file names
+    (<case>_montage.png), so '..' or an absolute path would write outside --output-dir."""
+    case = "../escaped" if relative else str(tmp_path / "escaped")
+    data_dir = tmp_path / "data"
+    shutil.copytree(converted_dir, data_dir)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    manifest["splits"]["test"][0]["case"] = case
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--data-dir", str(data_dir), "--checkpoint", untrained_model,
+                        "--output-dir", str(out_dir)])
+    assert str(exit_info.value).startswith(f"ERROR: {data_dir / 'manifest.json'}: ")
+    assert repr(case) in str(exit_info.value)
+    assert not os.path.exists(tmp_path / "escaped_montage.png")
