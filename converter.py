@@ -125,10 +125,9 @@ def prepare_alone(case, options):
 
 
 def grid(case):
-    """Shape and voxel spacing (mm) of a case's scans, from the header."""
-    header = layouts.reference_image(case).header
-    return {"shape": [int(n) for n in header.get_data_shape()[:3]],
-            "spacing": [float(mm) for mm in header.get_zooms()[:3]]}
+    """Shape and voxel spacing (mm) of a case's scans in the orientation they are sliced in,
+    from the header."""
+    return layouts.case_grid(case)
 
 
 def convert_split(split, cases, options, out_dir, workers, with_masks, skipped):

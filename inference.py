@@ -26,8 +26,8 @@ import keras
 import nibabel as nib
 import numpy as np
 
-from brainseg import (checkpoints, cli, dataset, figures, folders, hardware, layouts,
-                      metrics, postprocessing, preprocessing)
+from brainseg import (checkpoints, cli, dataset, figures, folders, hardware, json_names,
+                      layouts, metrics, nifti, postprocessing, preprocessing)
 from brainseg.atomic import OutputFolder
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "CHECKPOINT", "INFERENCE_DIR", "INFERENCE_BATCH_SIZE",
@@ -144,6 +144,8 @@ def infer_arrays(model, args, output):
     if manifest is None:
         raise InferenceError(f"{dataset.manifest_path(args.DATA_DIR)}: not found; "
                              f"the per-case scores need the converter's manifest")
+    for entry in manifest["splits"]["test"]:  # case names become output file names
+        json_names.check(entry["case"], dataset.manifest_path(args.DATA_DIR), "case")
     options = preprocessing.Preprocessing(**manifest["preprocessing"])
     imgs, msks = dataset.open_split(args.DATA_DIR, "test")
     imgs_path = dataset.split_paths(args.DATA_DIR, "test")[0]
@@ -213,7 +215,7 @@ def segment_case(model, case, options, args, output):
     probabilities = preprocessing.to_volume(slice_probabilities, geometry, image.shape[:3])
 
     reference = layouts.reference_image(case)
-    spacing = reference.header.get_zooms()[:3]
+    spacing = nifti.canonical_grid(reference).zooms  # the axes of `image`, not the file's
     internal, masks = segmentation(probabilities > 0.5, spacing, options.label_mode, args)
     release = layouts.to_release_labels(internal, case.layout)
     output.write(f"{case.case_id}.nii.gz",

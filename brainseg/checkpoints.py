@@ -29,7 +29,7 @@ import zipfile
 
 import numpy as np
 
-from brainseg import atomic, hardware
+from brainseg import atomic, hardware, json_names
 
 STATE_RECORD = "training_state.json"
 STATE_PATTERN = "training_state_epoch{epoch:04d}.keras"
@@ -101,7 +101,7 @@ def save_state(model, output_dir, progress):
 def load_state(output_dir):
     """The last committed SavedState, or None for a fresh run. A record that is unreadable
     or names a missing file is an error naming the file: silently starting over would throw
-    away hours of training."""
+    away hours of training. So is one naming a file outside output_dir (json_names)."""
     record_path = os.path.join(output_dir, STATE_RECORD)
     if not os.path.exists(record_path):
         return None
@@ -111,9 +111,10 @@ def load_state(output_dir):
     try:
         with open(record_path) as file:
             record = json.load(file)
-        state_path = os.path.join(output_dir, record["state_file"])
+        state_file = record["state_file"]
     except (ValueError, KeyError, TypeError) as error:
         raise invalid(error) from error
+    state_path = json_names.join(output_dir, state_file, record_path, "state_file")
     if not os.path.exists(state_path):
         raise FileNotFoundError(f"{record_path} names {state_path}, which does not exist; "
                                 f"delete {record_path} to start over")

@@ -13,7 +13,8 @@ Whatever the release, a case is read as volumes in MODALITIES order (flair, t1, 
 labels in the BraTS 2017-2020 convention used everywhere else in this project: 1 necrotic and
 non-enhancing core, 2 edema, 4 enhancing tumor (to_internal_labels); segmentations are
 written back in the release's own convention (to_release_labels), on the grid of the case's
-reference image (write_like_reference). Each file may be .nii.gz or .nii.
+reference image (like_reference). Each file may be .nii.gz or .nii; brainseg/nifti.py checks
+its header before reading it and reads it in one orientation, whatever the file's.
 """
 import dataclasses
 import glob
@@ -21,6 +22,8 @@ import os
 
 import nibabel as nib
 import numpy as np
+
+from brainseg import nifti, preprocessing
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of every image array
 MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")  # FLAIR, T1w, T1gd, T2w in the 4-D files
@@ -165,49 +168,87 @@ def find_cases(root, layout="auto"):
 
 
 def read_volume(path, ndim=3):
-    """A float32 volume with `ndim` dimensions, or CaseError naming the file and problem."""
-    if not os.path.exists(path):
-        raise CaseError(f"{path}: file not found")
+    """(float32 volume in the canonical orientation, its nifti.Grid), the header checked
+    before any voxel is read; CaseError naming the file and the problem (brainseg/nifti.py)."""
     try:
-        volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    except Exception as error:  # nibabel and gzip raise many types for damaged files
-        raise CaseError(f"{path}: unreadable NIfTI ({type(error).__name__}: {error})") from error
-    if volume.ndim != ndim:
-        raise CaseError(f"{path}: expected a {ndim}-D volume, got shape {volume.shape}")
-    if not np.isfinite(volume).all():
-        raise CaseError(f"{path}: contains NaN or infinite voxels")
-    return volume
+        return nifti.read(path, ndim)
+    except nifti.NiftiError as error:
+        raise CaseError(str(error)) from error
+
+
+def check_same_grid(path, grid, reference_path, reference):
+    """CaseError unless a file's voxels are those of the case's reference file: a label map
+    or a modality on another grid would pair voxels of different places."""
+    if grid.shape != reference.shape:
+        raise CaseError(f"{path}: shape {grid.shape} differs from {reference_path} "
+                        f"{reference.shape}")
+    distance = reference.distance(grid)
+    if distance > nifti.GRID_TOLERANCE_VOXELS:
+        raise CaseError(f"{path}: its voxels lie up to {distance:.3g} voxels from those of "
+                        f"{reference_path} (the modalities and label map of a case must "
+                        f"share one grid)")
+
+
+def check_scan(where, volume):
+    """CaseError for a scan the normalization cannot use: all zeros (no scan in the file: a
+    blank channel, or with the others a case without brain), or values so large that its
+    float32 statistics would overflow into NaN (preprocessing.max_intensity)."""
+    if not volume.any():
+        raise CaseError(f"{where}: every voxel is zero (an empty scan)")
+    peak = float(max(volume.max(), -volume.min()))
+    limit = preprocessing.max_intensity(volume.size)
+    if peak > limit:
+        raise CaseError(f"{where}: values up to {peak:.3g} would overflow the float32 "
+                        f"normalization (at most {limit:.3g} for {volume.size:,} voxels)")
 
 
 def read_images(case):
-    """[X, Y, Z, len(MODALITIES)] float32, channels in MODALITIES order."""
+    """([X, Y, Z, len(MODALITIES)] float32, channels in MODALITIES order, and their grid)."""
     if case.layout == "msd":
-        image = read_volume(case.images[MODALITIES[0]], ndim=4)
+        path = case.images[MODALITIES[0]]
+        image, grid = read_volume(path, ndim=4)
         if image.shape[3] != len(MSD_CHANNELS):
-            raise CaseError(f"{case.images[MODALITIES[0]]}: expected {len(MSD_CHANNELS)} channels "
+            raise CaseError(f"{path}: expected {len(MSD_CHANNELS)} channels "
                             f"(FLAIR, T1w, T1gd, T2w), got {image.shape[3]}")
-        return image[..., [MSD_CHANNELS.index(modality) for modality in MODALITIES]]
-    channels = [read_volume(case.images[modality]) for modality in MODALITIES]
-    for modality, channel in zip(MODALITIES, channels):
-        if channel.shape != channels[0].shape:
-            raise CaseError(f"{case.images[modality]}: shape {channel.shape} differs from "
-                            f"{case.images[MODALITIES[0]]} {channels[0].shape}")
-    return np.stack(channels, axis=-1)
+        image = image[..., [MSD_CHANNELS.index(modality) for modality in MODALITIES]]
+        for channel, modality in enumerate(MODALITIES):
+            check_scan(f"{path} ({modality} channel)", image[..., channel])
+        return image, grid
+    reference_path = case.images[MODALITIES[0]]
+    reference, grid = read_volume(reference_path)
+    check_scan(reference_path, reference)
+    channels = [reference]
+    for modality in MODALITIES[1:]:
+        channel, channel_grid = read_volume(case.images[modality])
+        check_same_grid(case.images[modality], channel_grid, reference_path, grid)
+        check_scan(case.images[modality], channel)
+        channels.append(channel)
+    return np.stack(channels, axis=-1), grid
 
 
-def read_labels(case, shape):
-    """The label map in the internal convention, or CaseError for unknown values."""
-    labels = read_volume(case.label)
-    if labels.shape != shape:
-        raise CaseError(f"{case.label}: shape {labels.shape} differs from the images' {shape}")
+def read_labels(case, grid):
+    """The label map in the internal convention, on the images' grid; CaseError for
+    another grid or unknown values."""
+    labels, label_grid = read_volume(case.label)
+    check_same_grid(case.label, label_grid, case.images[MODALITIES[0]], grid)
     label_map = LAYOUTS[case.layout].label_map
     values = np.unique(labels)
-    unknown = sorted(set(values.astype(int).tolist()) - set(label_map)) if np.all(
-        values == np.round(values)) else values.tolist()
+    fractional = values[values != np.round(values)].tolist()
+    if fractional:
+        raise CaseError(f"{case.label}: not a label map: non-integer values "
+                        f"{_few(fractional, 3)}")
+    unknown = [value for value in values.tolist() if value not in label_map]
     if unknown:
-        raise CaseError(f"{case.label}: label values {unknown} outside the {case.layout} set "
-                        f"{sorted(label_map)}")
+        raise CaseError(f"{case.label}: label values {_few(unknown)} outside the "
+                        f"{case.layout} set {sorted(label_map)}")
     return to_internal_labels(labels, case.layout)
+
+
+def _few(values, limit=5):
+    """The first values of a list, and how many there are, for a message of one line:
+    "[10, 11, 12, 13, 14, ...] (240 values)"."""
+    shown = ", ".join(f"{value:g}" for value in values[:limit])
+    return f"[{shown}]" if len(values) <= limit else f"[{shown}, ...] ({len(values)} values)"
 
 
 def to_internal_labels(labels, layout):
@@ -228,11 +269,12 @@ def to_release_labels(labels, layout):
 
 
 def read_case(case):
-    """(image [X, Y, Z, 4] float32, labels [X, Y, Z] uint8 or None); CaseError if unusable."""
+    """(image [X, Y, Z, 4] float32, labels [X, Y, Z] uint8 or None), both in the canonical
+    orientation (nifti.CANONICAL_AXES: axis 2 axial); CaseError if unusable."""
     if case.problem:
         raise CaseError(case.problem)
-    image = read_images(case)
-    labels = read_labels(case, image.shape[:3]) if case.label else None
+    image, grid = read_images(case)
+    labels = read_labels(case, grid) if case.label else None
     return image, labels
 
 
@@ -242,8 +284,17 @@ def reference_image(case):
     return nib.load(case.images[MODALITIES[0]])
 
 
+def case_grid(case):
+    """Shape and voxel spacing (mm) of a case's volumes as read_case returns them (in the
+    canonical orientation), from the reference image's header alone."""
+    grid = nifti.canonical_grid(reference_image(case))
+    return {"shape": [int(n) for n in grid.shape], "spacing": [float(mm) for mm in grid.zooms]}
+
+
 def like_reference(volume, reference):
-    """A NIfTI of `volume` on the reference scan's grid: same affine and header fields."""
+    """A NIfTI of `volume`, given in the canonical orientation as read_case returns a case,
+    on the reference scan's grid: in its voxel order, with its affine and header fields."""
+    volume = nifti.from_canonical(volume, reference)
     header = reference.header.copy()
     header.set_data_shape(volume.shape)
     header.set_data_dtype(volume.dtype)

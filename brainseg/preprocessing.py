@@ -52,14 +52,29 @@ class Preprocessing:
 
 def normalize(image):
     """Z-scores each modality over the brain (voxels non-zero in any modality); the
-    background stays 0."""
+    background stays 0. Statistics are float32, like the images: values beyond
+    max_intensity overflow them, which raises ValueError instead of writing NaN."""
     brain = image.any(axis=-1)
     normalized = np.zeros_like(image)
     for channel in range(image.shape[-1]):
         values = image[..., channel][brain]
         std = values.std() if values.size else 0.0
+        if not np.isfinite(std):  # a finite std implies a finite mean
+            raise ValueError(f"channel {channel}: values up to {np.abs(values).max():.3g} "
+                             f"overflow the float32 statistics (at most "
+                             f"{max_intensity(values.size):.3g})")
         normalized[..., channel][brain] = (values - values.mean()) / (std or 1.0)
     return normalized
+
+
+def max_intensity(num_voxels):
+    """The largest voxel magnitude M that normalize can take in a channel of num_voxels
+    voxels: its float32 sums (of the values, for the mean; of the squared deviations, for
+    the std) stay below float32's maximum, 3.4e38. A deviation is at most 2M, so the sum of
+    squares at most num_voxels (2M)^2; a further factor 2 leaves room for rounding. For a
+    BraTS volume (8.9 million voxels) M is 2.2e15, far above any scanner's values; beyond
+    it, a single voxel (1e38 is finite in float32) turns its whole channel into NaN and 0."""
+    return float(np.sqrt(np.finfo(np.float32).max / (8 * max(num_voxels, 1))))
 
 
 def selected_slices(brain, policy):

@@ -5,6 +5,7 @@ the full-size demo runs.
 """
 import os
 import re
+import shutil
 
 import pytest
 
@@ -31,6 +32,30 @@ def raw_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("raw")
     synthetic.write_dataset(str(root), NUM_CASES, seed=7, shape=SMALL_SHAPE)
     return root
+
+
+def case_names(root):
+    """The case folders of a release (not the generator's hidden marker file)."""
+    return sorted(name for name in os.listdir(root) if not name.startswith("."))
+
+
+def file_of(folder, kind):
+    """A case folder's file of one kind (flair, t1, t1ce, t2, seg)."""
+    return next(folder / name for name in os.listdir(folder) if f"_{kind}." in name)
+
+
+def read_arrays(out_dir):
+    """{file name: bytes} of every .npy in a converted folder."""
+    return {name: (out_dir / name).read_bytes() for name in sorted(os.listdir(out_dir))
+            if name.endswith(".npy")}
+
+
+@pytest.fixture()
+def raw_copy(raw_dir, tmp_path):
+    """A copy of the session's release that a test may damage."""
+    copy = tmp_path / "raw"
+    shutil.copytree(raw_dir, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")

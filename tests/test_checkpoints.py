@@ -4,6 +4,7 @@ inference loads in safe mode without the optimizer, also when trained in bfloat1
 import dataclasses
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -138,3 +139,18 @@ def test_the_export_describes_how_its_input_was_prepared(tmp_path):
     checkpoints.export_for_inference(trained, str(tmp_path / "plain.keras"))
     assert checkpoints.read_description(str(tmp_path / "plain.keras")) is None
     assert checkpoints.describe(None) is None
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_a_record_naming_a_file_outside_its_folder_is_refused(tmp_path, relative):
+    """The record is JSON anyone could edit: its state_file must stay in the training
+    folder (a '..' component or an absolute path is refused, even if the file exists)."""
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    outside = tmp_path / "outside.keras"
+    outside.write_bytes(b"not yours")
+    name = "../outside.keras" if relative else str(outside)
+    record = dict(dataclasses.asdict(checkpoints.Progress(2, 10, epoch=4)), state_file=name)
+    (train_dir / checkpoints.STATE_RECORD).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=re.escape(f"training_state.json: state_file '{name}'")):
+        checkpoints.load_state(train_dir)

@@ -3,7 +3,6 @@ every release layout, the conversion options, bad input, parallel = serial, inte
 import gzip
 import os
 import shutil
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -11,7 +10,8 @@ import pytest
 
 import converter
 from brainseg import dataset, layouts, preprocessing, synthetic
-from conftest import NUM_CASES, REPO_DIR, SMALL_CROP_SIZE, SMALL_IMAGE_SIZE, SMALL_SHAPE, convert
+from conftest import (NUM_CASES, SMALL_CROP_SIZE, SMALL_IMAGE_SIZE, SMALL_SHAPE, case_names,
+                      convert, file_of, read_arrays)
 
 SMALL_OPTIONS = preprocessing.Preprocessing(SMALL_IMAGE_SIZE, SMALL_CROP_SIZE)
 
@@ -19,11 +19,6 @@ SMALL_OPTIONS = preprocessing.Preprocessing(SMALL_IMAGE_SIZE, SMALL_CROP_SIZE)
 def manifest(out_dir):
     return dataset.load_manifest(out_dir)
 
-
-def read_arrays(out_dir):
-    """{file name: bytes} of every .npy in a converted folder."""
-    return {name: (out_dir / name).read_bytes() for name in sorted(os.listdir(out_dir))
-            if name.endswith(".npy")}
 
 
 # --- The default conversion --------------------------------------------------------------
@@ -177,16 +172,10 @@ def test_empty_root_is_a_clear_error(tmp_path):
 # --- Bad input -----------------------------------------------------------------------------
 
 def save(path, array):
-    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+    """Replaces a case's file with `array` on the file's own grid (its affine kept)."""
+    nib.save(nib.Nifti1Image(array, nib.load(path).affine), str(path))
 
 
-def case_names(root):
-    """The case folders of a release (not the generator's hidden marker file)."""
-    return sorted(name for name in os.listdir(root) if not name.startswith("."))
-
-
-def file_of(folder, kind):
-    return next(folder / name for name in os.listdir(folder) if f"_{kind}." in name)
 
 
 def truncate(folder):
@@ -242,12 +231,6 @@ def four_dimensional(folder):
     save(path, np.ones((*SMALL_SHAPE, 2), np.int16))
     return path, "expected a 3-D volume"
 
-
-@pytest.fixture()
-def raw_copy(raw_dir, tmp_path):
-    copy = tmp_path / "raw"
-    shutil.copytree(raw_dir, copy)
-    return copy
 
 
 @pytest.mark.parametrize("damage", [truncate, corrupt_body, remove_modality, remove_label,

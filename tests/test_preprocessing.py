@@ -17,6 +17,19 @@ def test_normalize_zscores_brain_voxels_and_keeps_background_zero():
     assert not normalized[:2].any() and not normalized[8:].any()
 
 
+def test_normalize_stays_finite_up_to_max_intensity_and_refuses_beyond():
+    """float32 statistics: values of max_intensity give finite z-scores; 1e38, finite in
+    float32, would overflow the sum of squares and turn the channel into NaN."""
+    image = np.zeros((16, 16, 8, 1), np.float32)
+    image[::2] = image[1::2] = preprocessing.max_intensity(image.size)
+    image[1::2] *= -1
+    normalized = preprocessing.normalize(image)
+    np.testing.assert_allclose(np.abs(normalized), 1, rtol=1e-5)
+    image[0, 0, 0] = 1e38
+    with pytest.raises(ValueError, match="channel 0: values up to 1e\\+38 overflow"):
+        preprocessing.normalize(image)
+
+
 def test_slices_are_cropped_resampled_and_put_back():
     volume = np.zeros((60, 60, 3, 1), np.float32)
     volume[20:40, 20:40] = 1  # a centred square, half the 40-voxel crop
