@@ -91,3 +91,18 @@ def test_a_host_that_hangs_is_reported_after_the_timeout(converted_dir, tmp_path
     agent.chmod(0o755)
     problems = preflight.check_hosts(["192.0.2.253"], str(agent), str(converted_dir), 1)
     assert problems == [f"192.0.2.253: did not answer within 1 s via '{agent}'"]
+
+
+def test_leftover_temporary_files_are_not_taken_for_data(converted_dir, tmp_path):
+    """A killed writer's short `.partial.` file once matched imgs_*.npy and crashed the
+    check; temporary names are hidden, so no data pattern (nor rsync's) picks them up."""
+    import shutil
+    from brainseg import atomic
+    folder = tmp_path / "converted"
+    shutil.copytree(converted_dir, folder)
+    leftover = atomic.create_temporary(folder / "imgs_train.npy")
+    with open(leftover, "wb") as file:
+        file.write(b"\x93NUMPY")  # a header cut short
+    report = preflight.host_report(str(folder))
+    assert set(report["data"]) == {"imgs_train.npy", "msks_train.npy", "imgs_test.npy",
+                                   "msks_test.npy", "manifest.json"}
