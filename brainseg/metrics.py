@@ -58,14 +58,30 @@ def surface_distances(from_mask, to_mask, spacing):
     return distance_to_surface[surface(from_mask)]
 
 
+def bounding_box(mask, margin=1):
+    """Slices of the smallest box holding the mask, grown by `margin` voxels (within the grid)."""
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(present[0] - margin, 0), present[-1] + 1 + margin))
+    return tuple(box)
+
+
 def hausdorff95(truth, prediction, spacing):
     """95th percentile of the symmetric surface distances, as in MedPy's hd95 (used by the
-    BraTS evaluations): both directions pooled, then the percentile."""
+    BraTS evaluations): both directions pooled, then the percentile.
+
+    Computed on the box holding both masks plus one voxel, not the whole grid: every surface
+    voxel lies in it, and a Euclidean distance does not depend on what lies outside, so the
+    result is the same (the margin keeps the erosion's border as it was), in a fraction of
+    the time (a tumor's box is a few percent of the 240x240x155 grid)."""
     truth, prediction = truth.astype(bool), prediction.astype(bool)
     if not truth.any() and not prediction.any():
         return 0.0
     if not truth.any() or not prediction.any():
         return float(np.linalg.norm(np.multiply(truth.shape, spacing)))
+    box = bounding_box(truth | prediction)
+    truth, prediction = truth[box], prediction[box]
     distances = np.concatenate([surface_distances(truth, prediction, spacing),
                                 surface_distances(prediction, truth, spacing)])
     return float(np.percentile(distances, 95))

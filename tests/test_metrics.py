@@ -69,6 +69,33 @@ def test_hausdorff95_matches_an_independent_implementation(seed):
         brute_force_hd95(truth, prediction, spacing), rel=1e-6)
 
 
+def full_grid_hd95(truth, prediction, spacing):
+    """hausdorff95 as it was computed before the bounding box: on the whole grid."""
+    distances = np.concatenate([metrics.surface_distances(truth, prediction, spacing),
+                                metrics.surface_distances(prediction, truth, spacing)])
+    return float(np.percentile(distances, 95))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_hausdorff95_on_the_bounding_box_equals_the_full_grid(seed):
+    """Two lesions far apart, one of them cut by the grid's edge (where the erosion's border
+    decides what is surface), on an anisotropic BraTS-like grid."""
+    rng = np.random.default_rng(seed)
+    shape = (96, 80, 40)
+    grid = np.indices(shape).transpose(1, 2, 3, 0)
+
+    def lesions(*centers):
+        mask = np.zeros(shape, bool)
+        for center in centers:
+            mask |= (((grid - center) / rng.uniform(3, 9, 3)) ** 2).sum(axis=-1) <= 1
+        return mask
+    truth = lesions(rng.uniform(20, 40, 3) * [1, 1, 0.5], (95, 40, 20))  # the second at the edge
+    prediction = lesions(rng.uniform(20, 40, 3) * [1, 1, 0.5], (70, 10, 38))
+    spacing = tuple(rng.uniform(0.8, 3.0, 3))
+    assert metrics.hausdorff95(truth, prediction, spacing) == full_grid_hd95(
+        truth, prediction, spacing)
+
+
 def test_summary_has_mean_median_and_std():
     rows = [{"whole_tumor_dice": d, "whole_tumor_hd95_mm": 1.0, "whole_tumor_sensitivity": 1.0,
              "whole_tumor_specificity": 1.0} for d in (0.5, 0.7, 0.9)]
