@@ -121,7 +121,7 @@ done
 # assignments of setting_hosts_file, setting_launch_agent, setting_network_interface,
 # setting_host_timeout_seconds, setting_kmp_blocktime, setting_kmp_affinity, setting_data_dir.
 launch_settings="$(cd "$repo_dir" && "$python_bin" -m brainseg.launch_settings -- "$@")" ||
-    die "cannot read settings.py (see the error above)"
+    die "cannot read settings.py or the training flags (see the error above)"
 eval "$launch_settings"
 [ -n "$hosts_file" ] || hosts_file="$setting_hosts_file"
 [ -f "$hosts_file" ] || die "$hosts_file: hosts file not found"
