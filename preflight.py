@@ -138,13 +138,15 @@ def is_this_host(host):
 
 
 def remote_report(agent, host, data_dir, timeout):
-    """Runs `preflight.py --report` on `host` through the agent. Returns (report, problem)."""
-    python = sys.executable
-    script = (f"cd {shlex.quote(REPO_DIR)} 2>/dev/null || "
-              f"{{ echo 'project folder {REPO_DIR} not found'; exit 3; }}; "
-              f"[ -x {shlex.quote(python)} ] || {{ echo 'Python {python} not found'; exit 4; }}; "
-              f"exec {shlex.quote(python)} preflight.py --report "
-              f"--data-dir {shlex.quote(data_dir)}")
+    """Runs `preflight.py --report` on `host` through the agent. Returns (report, problem).
+    The agent hands the command to a shell there (as ssh does): every path in it, the
+    messages included, is quoted."""
+    python, quote = sys.executable, shlex.quote
+    script = (f"cd {quote(REPO_DIR)} 2>/dev/null || "
+              f"{{ echo {quote(f'project folder {REPO_DIR} not found')}; exit 3; }}; "
+              f"[ -x {quote(python)} ] || {{ echo {quote(f'Python {python} not found')}; "
+              f"exit 4; }}; "
+              f"exec {quote(python)} preflight.py --report --data-dir {quote(data_dir)}")
     command = shlex.split(agent)
     if os.path.basename(command[0]) == "ssh":
         # Never wait at a password prompt: a host that needs one is a host mpirun can't use.
@@ -172,10 +174,12 @@ def remote_report(agent, host, data_dir, timeout):
 
 def sync_data(agent, host, data_dir, timeout):
     """Copies DATA_DIR to the same path on `host` with rsync over the launch agent; rsync's
-    quick check (size and modification time) skips files that are already there."""
+    quick check (size and modification time) skips files that are already there. rsync
+    before 3.2.4 pasted the remote path into the agent's shell command unquoted: -s
+    (--protect-args, --secluded-args since 3.3) sends it inside rsync's protocol instead."""
     # rsync creates only the last folder of the destination (--mkpath needs rsync >= 3.2.3).
     mkdir = shlex.split(agent) + [host, f"mkdir -p {shlex.quote(os.path.dirname(data_dir))}"]
-    command = ["rsync", "--archive", "--out-format=%n", "-e", agent,
+    command = ["rsync", "--archive", "-s", "--out-format=%n", "-e", agent,
                *(f"--include={pattern}" for pattern in dataset.DATA_PATTERNS),
                "--exclude=*", data_dir.rstrip("/") + "/", f"{host}:{data_dir.rstrip('/')}/"]
     try:

@@ -35,6 +35,68 @@ gloo=0
 usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "run_multinode.sh: $*" >&2; exit 2; }
 
+# A TERM, INT or HUP (a batch system's time limit, Ctrl-C, a closed terminal) at any moment
+# stops everything this script started. What runs (preflight with the agent or rsync it
+# started, or mpirun and through it every rank) is a child in a session and process group of
+# its own (run_child), which the trap signals; the script exits non-zero once it is gone.
+child_pid=""
+starting_child=0
+stop_signal=""
+phase="start-up"
+on_signal() {
+    [ -z "$stop_signal" ] || return 0  # once: a second TERM makes mpirun abandon its ranks
+    stop_signal="$1"
+    if [ -n "$child_pid" ]; then
+        signal_child TERM
+    elif [ "$starting_child" -eq 0 ]; then
+        stopped_by_signal
+    fi  # else run_child stops the child it is starting as soon as it has its pid
+}
+trap 'on_signal TERM' TERM
+trap 'on_signal INT' INT
+trap 'on_signal HUP' HUP
+
+# The child's process group; the child alone if it has not made its group yet (it has not
+# been waited for, so its pid cannot belong to another process).
+signal_child() {
+    kill "-$1" -- "-$child_pid" 2>/dev/null || kill "-$1" "$child_pid" 2>/dev/null || true
+}
+
+stopped_by_signal() {
+    echo "run_multinode.sh: stopped by a signal. Rerun the same command to resume from the" \
+         "last checkpoint in the output folder. (SIG$stop_signal during $phase; every" \
+         "process it started has ended.)" >&2
+    exit $((128 + $(kill -l "$stop_signal")))
+}
+
+# Runs a command as that child, in the background so that the trap runs as soon as a signal
+# comes (bash runs traps between commands, and `wait` is one), and returns its exit status.
+# After a signal, whatever its session still holds after a grace period is killed (mpirun's
+# local ranks have process groups of their own in it, an agent's children are in the
+# child's), and the script stops.
+run_child() {
+    starting_child=1
+    setsid "$@" &
+    child_pid=$!
+    starting_child=0
+    [ -z "$stop_signal" ] || signal_child TERM
+    local status=0 grace=50
+    while :; do
+        wait "$child_pid" && status=0 || status=$?
+        kill -0 "$child_pid" 2>/dev/null || break  # wait returned for a trapped signal
+    done
+    if [ -n "$stop_signal" ]; then
+        while pgrep -s "$child_pid" >/dev/null && [ "$grace" -gt 0 ]; do
+            sleep 0.1
+            grace=$((grace - 1))
+        done
+        pkill -KILL -s "$child_pid" 2>/dev/null || true
+        stopped_by_signal
+    fi
+    child_pid=""
+    return "$status"
+}
+
 while [ $# -gt 0 ]; do
     case "$1" in
         --hosts) [ $# -ge 2 ] || die "--hosts needs a file"; hosts_file="$2"; shift 2 ;;
@@ -59,7 +121,7 @@ done
 # assignments of setting_hosts_file, setting_launch_agent, setting_network_interface,
 # setting_host_timeout_seconds, setting_kmp_blocktime, setting_kmp_affinity, setting_data_dir.
 launch_settings="$(cd "$repo_dir" && "$python_bin" -m brainseg.launch_settings -- "$@")" ||
-    die "cannot read settings.py (see the error above)"
+    die "cannot read settings.py or the training flags (see the error above)"
 eval "$launch_settings"
 [ -n "$hosts_file" ] || hosts_file="$setting_hosts_file"
 [ -f "$hosts_file" ] || die "$hosts_file: hosts file not found"
@@ -151,30 +213,21 @@ if [ "$dry_run" -eq 1 ]; then
     exit 0
 fi
 
+cd "$repo_dir"  # relative paths in TRAIN_FLAGS are relative to the project, as with --wdir
+
 # Before launching: every host answers and can run the same job on the same data.
 if [ "$preflight" -eq 1 ] || [ "$preflight_only" -eq 1 ] || [ -n "$sync_data" ]; then
-    (cd "$repo_dir" && "$python_bin" preflight.py --launch-agent "$agent" \
+    phase="the checks before launching"
+    run_child "$python_bin" preflight.py --launch-agent "$agent" \
         --host-timeout-seconds "$host_timeout" --data-dir "$setting_data_dir" \
-        $sync_data -- "${hosts[@]}") || exit 2
+        $sync_data -- "${hosts[@]}" || exit 2
 fi
 [ "$preflight_only" -eq 0 ] || exit 0
 echo "Launching $total_slots workers on $host_list ($cores_per_worker cores each)"
-# mpirun (or horovodrun) runs in the background so that a TERM or INT sent to this script
-# reaches it, and through it every rank, instead of orphaning the job.
-cd "$repo_dir"  # relative paths in TRAIN_FLAGS are relative to the project, as with --wdir
-"${command[@]}" &
-mpirun_pid=$!
-interrupted=0
-trap 'interrupted=1; kill -TERM "$mpirun_pid" 2>/dev/null' TERM INT HUP
+phase="training"
 status=0
-while :; do
-    wait "$mpirun_pid" && status=0 || status=$?
-    kill -0 "$mpirun_pid" 2>/dev/null || break  # wait returned for a trapped signal
-done
-if [ "$interrupted" -eq 1 ]; then
-    echo "run_multinode.sh: stopped by a signal. Rerun the same command to resume from the" \
-         "last checkpoint in the output folder." >&2
-elif [ "$status" -ne 0 ]; then
+run_child "${command[@]}" || status=$?
+if [ "$status" -ne 0 ]; then
     echo "run_multinode.sh: training failed (${command[0]##*/} exit status $status); its" \
          "message above names the rank or host. Rerun the same command to resume from the" \
          "last checkpoint in the output folder." >&2

@@ -91,6 +91,16 @@ TIMELINE = ""
 # 5 ms, and 17% slower at 0.1 ms; 2 ranks x 1 thread were the same at 1, 5 and 10 ms.
 # An exported HOROVOD_CYCLE_TIME takes precedence.
 HOROVOD_CYCLE_TIME_MS = 5.0
+# A rank that makes no progress for this long (no training step, batch read, validation step
+# or checkpoint finished) stops the whole job, naming the rank presumed stuck; a rank stopped
+# or frozen (kill -STOP, a dead NFS mount) would otherwise hold every other rank in its
+# allreduce forever. Horovod's stall check is set from it too: it stops the job after about
+# half of it when it can name the missing rank (brainseg/watchdog.py). Generous, because the
+# longest legitimate pauses count: the first step compiles the model (about 10 s here, more
+# for larger models), every rank waits while rank 0 writes the checkpoint and the best model
+# (tens of seconds on a slow shared filesystem), and a resumed run waits while rank 0 loads
+# it. Keep it above twice the longest pause: each rank prints its longest at the end. 0 = off.
+STALL_TIMEOUT_SECONDS = 300
 
 # --- Threads --------------------------------------------------------------------------------
 # 0 means: computed from the cores available to each rank (its CPU affinity under mpirun

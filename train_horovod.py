@@ -20,11 +20,17 @@ run stopped, validation sums added across ranks before early stopping decides, a
 early-stopping counters restored, none of which fit() exposes (its EarlyStopping callback
 resets its counters at every start). The loop is fit()'s own, twenty lines, and it still
 drives Keras callbacks (CSV log, TensorBoard).
+
+A rank that stops making progress (stopped, frozen on a dead mount) would hold the others in
+their allreduce forever: every rank feeds a watchdog after each step, batch, validation and
+checkpoint, and one not fed for STALL_TIMEOUT_SECONDS stops the job (brainseg/watchdog.py).
 """
+import atexit
 import contextlib
 import datetime
 import functools
 import os
+import socket
 import sys
 import time
 
@@ -35,19 +41,20 @@ import tensorflow as tf
 
 import data
 import model as unet
-from brainseg import checkpoints, cli, dataset, folders, hardware, metrics
+from brainseg import checkpoints, cli, dataset, folders, hardware, metrics, watchdog
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE",
             "DICE_PER_REGION", "INTENSITY_AUGMENTATION", "LEARNING_RATE", "WARMUP_EPOCHS",
             "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH", "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
             "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION", "EARLY_STOPPING_PATIENCE",
-            "TIMELINE", "HOROVOD_CYCLE_TIME_MS"]
+            "TIMELINE", "HOROVOD_CYCLE_TIME_MS", "STALL_TIMEOUT_SECONDS"]
 HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled by workers",
         "STEPS_PER_EPOCH": "0 = one pass over the largest shard",
         "PRECISION": "auto | float32 | mixed_bfloat16",
         "EARLY_STOPPING_PATIENCE": "epochs without a better validation Dice; 0 = never",
         "TIMELINE": "write a Horovod timeline (Chrome trace) to this file",
-        "HOROVOD_CYCLE_TIME_MS": "an exported HOROVOD_CYCLE_TIME wins"}
+        "HOROVOD_CYCLE_TIME_MS": "an exported HOROVOD_CYCLE_TIME wins",
+        "STALL_TIMEOUT_SECONDS": "a rank without progress this long stops the job; 0 = never"}
 # Earlier spellings of the flags, still accepted (the README used them).
 ALIASES = {"TRAIN_DIR": ["--output-dir"]}
 
@@ -108,14 +115,16 @@ def mean_region_dice(intersection, total):
                                                 unet.SMOOTH)))
 
 
-def evaluate(eval_step, dataset, num_regions):
+def evaluate(eval_step, dataset, num_regions, epoch, stall_watchdog):
     """Loss and mean region Dice over the whole validation set: each rank sums over its
     shard, then the sums are added across ranks (one allreduce, so unequal shard sizes
     cannot hang)."""
     sums = tf.zeros(2 + 2 * num_regions)
-    for images, masks in dataset:
+    for batch, (images, masks) in enumerate(dataset, 1):
         sums += eval_step(images, masks)
+        stall_watchdog.feed(f"epoch {epoch + 1} validation batch {batch}")
     sums = hvd.allreduce(sums, op=hvd.Sum).numpy()
+    stall_watchdog.feed(f"epoch {epoch + 1} validation")
     loss_sum, count = sums[:2]
     intersection, total = sums[2:2 + num_regions], sums[2 + num_regions:]
     return loss_sum / max(count, 1), mean_region_dice(intersection, total)
@@ -134,10 +143,11 @@ def log(text):
         say(text)
 
 
-def start_horovod(timeline, cycle_time_ms):
+def start_horovod(timeline, cycle_time_ms, stall_timeout_seconds):
     """hvd.init(), with a timeline when asked. Horovod reads HOROVOD_TIMELINE once, in
     hvd.init(), so it is set here rather than by the launcher (exporting it with mpirun -x
-    works too); only rank 0, Horovod's coordinator, writes the file.
+    works too); only rank 0, Horovod's coordinator, writes the file. Its stall check is set
+    from the watchdog's timeout the same way (brainseg/watchdog.py).
 
     Open MPI is also told to yield the core while it waits (OMPI_MCA_mpi_yield_when_idle,
     read by MPI_Init inside hvd.init). Horovod's background thread meets the other ranks in
@@ -150,6 +160,8 @@ def start_horovod(timeline, cycle_time_ms):
         os.environ["HOROVOD_TIMELINE"] = os.path.abspath(timeline)
     os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     os.environ.setdefault("HOROVOD_CYCLE_TIME", str(cycle_time_ms))
+    for name, value in watchdog.horovod_stall_environment(stall_timeout_seconds).items():
+        os.environ.setdefault(name, value)
     hvd.init()
 
 
@@ -179,6 +191,19 @@ def open_splits(data_dir):
         return (*dataset.open_split(data_dir, "train"), *dataset.open_split(data_dir, "test"))
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"ERROR: rank {hvd.rank()}: {error}")
+
+
+def start_watchdog(timeout_seconds):
+    """This rank's stall watchdog, started. Under mpirun it can ask the other ranks which
+    one is stuck (MPI beside Horovod, which needs MPI's thread support); under horovodrun
+    --gloo there is no MPI to ask with."""
+    peers = None
+    if (timeout_seconds > 0 and hvd.size() > 1 and hvd.mpi_enabled()
+            and hvd.mpi_threads_supported()):
+        peers = watchdog.MpiPeers()
+        atexit.register(peers.close)  # runs before Horovod's own atexit finalizes MPI
+    return watchdog.Watchdog(timeout_seconds, f"rank {hvd.rank()} on {socket.gethostname()}",
+                             peers).start()
 
 
 def resume_point(output_dir, num_workers, steps_per_epoch):
@@ -256,17 +281,20 @@ def make_callbacks(model, output_dir, resuming):
     ], model=model)
 
 
-def train_one_epoch(train_step, batches, steps, epoch, log_every):
+def train_one_epoch(train_step, batches, steps, epoch, log_every, stall_watchdog):
     """Runs `steps` synchronous steps; returns rank 0's mean loss and Dice sums, and the
     seconds it took (all ranks wait for each other at every allreduce, so it is the
     job's time)."""
     started = time.perf_counter()
     loss_sum, intersection, total = 0.0, 0.0, 0.0
     for step in range(1, steps + 1):
-        loss, batch_intersection, batch_total = train_step(*next(batches))
+        images, masks = next(batches)
+        stall_watchdog.feed(f"reading the batch of epoch {epoch + 1} step {step}")
+        loss, batch_intersection, batch_total = train_step(images, masks)
         loss_sum += float(loss)
         intersection += batch_intersection.numpy()
         total += batch_total.numpy()
+        stall_watchdog.feed(f"epoch {epoch + 1} step {step}")
         if step % log_every == 0 and step < steps:
             log(f"  epoch {epoch + 1} step {step}/{steps} loss {loss_sum / step:.4f}")
     return loss_sum / steps, mean_region_dice(intersection, total), \
@@ -292,11 +320,13 @@ def epoch_line(epoch, epochs, logs):
             f"ETA {datetime.timedelta(seconds=round(logs['eta_seconds']))}")
 
 
-def fit(model, optimizer, schedule, train_batches, test_batches, progress, description, args):
+def fit(model, optimizer, schedule, train_batches, test_batches, progress, description, args,
+        stall_watchdog):
     """Trains the epochs left in `progress`: synchronous steps on every rank, then the
     validation Dice, which the allreduce makes bit-identical on every rank, so all ranks take
     the same early-stopping decision without a broadcast. Rank 0 logs and checkpoints; the
-    best model is exported with `description` (how its input was prepared)."""
+    best model is exported with `description` (how its input was prepared). Every piece of
+    work feeds `stall_watchdog`."""
     loss_fn = functools.partial(unet.bce_dice_loss, per_region=args.DICE_PER_REGION)
     train_step = make_train_step(model, optimizer, loss_fn)
     eval_step = make_eval_step(model, loss_fn)
@@ -309,8 +339,9 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, descr
         callbacks.on_epoch_begin(epoch)
         loss, dice, seconds = train_one_epoch(train_step, train_batches,
                                               progress.steps_per_epoch, epoch,
-                                              args.LOG_EVERY_STEPS)
-        val_loss, val_dice = evaluate(eval_step, test_batches, num_regions)
+                                              args.LOG_EVERY_STEPS, stall_watchdog)
+        val_loss, val_dice = evaluate(eval_step, test_batches, num_regions, epoch,
+                                      stall_watchdog)
         seconds_this_run.append(seconds)
         improved = progress.record_epoch(epoch, val_dice, args.EARLY_STOPPING_PATIENCE)
         epochs_left = 0 if progress.stopped_early else args.EPOCHS - epoch - 1
@@ -327,6 +358,7 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, descr
             if improved:
                 checkpoints.export_for_inference(model, export_path, description)
             checkpoints.save_state(model, args.TRAIN_DIR, progress)
+        stall_watchdog.feed(f"epoch {epoch + 1} checkpoint")
         if progress.stopped_early:
             log(f"Early stopping: validation Dice has not improved for "
                 f"{args.EARLY_STOPPING_PATIENCE} epochs")
@@ -339,8 +371,10 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, descr
 def main(argv=None):
     args = cli.parse(__doc__.splitlines()[0], SETTINGS, argv, HELP, ALIASES)
 
-    # Horovod, and each worker's threads pinned to the cores it owns.
-    start_horovod(args.TIMELINE, args.HOROVOD_CYCLE_TIME_MS)
+    # Horovod, and each worker's threads pinned to the cores it owns; from now on a rank
+    # that stops making progress stops the job.
+    start_horovod(args.TIMELINE, args.HOROVOD_CYCLE_TIME_MS, args.STALL_TIMEOUT_SECONDS)
+    stall_watchdog = start_watchdog(args.STALL_TIMEOUT_SECONDS)
     intra, inter = hardware.configure(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS,
                                       hvd.local_size())
     precision = hardware.set_precision(args.PRECISION)
@@ -359,6 +393,7 @@ def main(argv=None):
     # A rerun of the same command continues from the last checkpoint in TRAIN_DIR.
     lock_train_dir(args.TRAIN_DIR)
     progress, saved = resume_point(args.TRAIN_DIR, hvd.size(), steps_per_epoch)
+    stall_watchdog.feed("reading the resume point")
     if progress.finished(args.EPOCHS):
         log(f"{args.TRAIN_DIR} holds a finished run (epoch {progress.epoch}); nothing to "
             f"train. Use another --train-dir to train anew")
@@ -379,12 +414,15 @@ def main(argv=None):
 
     # Every rank starts from rank 0's weights and optimizer state, fresh or restored.
     restore_and_broadcast(model, optimizer, saved)
+    stall_watchdog.feed("building and broadcasting the model")
 
     # Train, averaging gradients across workers; rank 0 checkpoints every epoch.
     fit(model, optimizer, schedule, train_batches, test_batches, progress,
-        checkpoints.describe(dataset.load_manifest(args.DATA_DIR)), args)
+        checkpoints.describe(dataset.load_manifest(args.DATA_DIR)), args, stall_watchdog)
     say(f"rank {hvd.rank()}: final weights fingerprint {checkpoints.weights_fingerprint(model)}")
     say(f"rank {hvd.rank()}: {memory_line()}")
+    say(f"rank {hvd.rank()}: longest pause between steps {stall_watchdog.longest_wait:.1f} s "
+        f"(the stall timeout is {args.STALL_TIMEOUT_SECONDS:g} s)")
 
 
 if __name__ == "__main__":

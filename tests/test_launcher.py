@@ -189,3 +189,23 @@ def test_launch_settings_come_from_settings_and_the_training_flags():
                                             settings.HOSTS_FILE]
     assert assignments("--data-dir", "/data/it's here", "--epochs", "3")[0] == "/data/it's here"
     assert assignments("--epochs", "3", "--data-dir=/data/b")[0] == "/data/b"
+
+
+@pytest.mark.parametrize("flags", [["--data", "/data/b"], ["--data=/data/b"],
+                                   ["--epochs", "2", "--data-di", "/data/b"]])
+def test_an_abbreviated_data_dir_is_refused_before_anything_runs(flags):
+    """train_horovod.py takes no abbreviated flags (cli: allow_abbrev=False). The launcher,
+    which reads the data folder from the training flags for its checks and --sync-data, must
+    not take `--data X` for --data-dir, nor check and copy the default folder instead and
+    let training fail later: it stops at once, naming the flag."""
+    import train_horovod
+    from brainseg import cli
+    with pytest.raises(SystemExit):
+        cli.parse("training", train_horovod.SETTINGS, flags, train_horovod.HELP,
+                  train_horovod.ALIASES)
+    result = subprocess.run([LAUNCHER, "--dry-run", "--", *flags], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and result.stdout == ""
+    name = flags[-2] if len(flags) > 1 else flags[0].split("=")[0]
+    assert f"training flag '{name}': train_horovod.py takes no abbreviated flags" \
+        in result.stderr

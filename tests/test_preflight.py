@@ -1,6 +1,8 @@
-"""preflight.py: how a host's report is compared with the launching host's."""
+"""preflight.py: how a host's report is compared with the launching host's, and the commands
+it runs on the other hosts."""
 import copy
 import json
+import shutil
 import subprocess
 import sys
 
@@ -96,7 +98,6 @@ def test_a_host_that_hangs_is_reported_after_the_timeout(converted_dir, tmp_path
 def test_leftover_temporary_files_are_not_taken_for_data(converted_dir, tmp_path):
     """A killed writer's short `.partial.` file once matched imgs_*.npy and crashed the
     check; temporary names are hidden, so no data pattern (nor rsync's) picks them up."""
-    import shutil
     from brainseg import atomic
     folder = tmp_path / "converted"
     shutil.copytree(converted_dir, folder)
@@ -106,3 +107,46 @@ def test_leftover_temporary_files_are_not_taken_for_data(converted_dir, tmp_path
     report = preflight.host_report(str(folder))
     assert set(report["data"]) == {"imgs_train.npy", "msks_train.npy", "imgs_test.npy",
                                    "msks_test.npy", "manifest.json"}
+def ssh_like_agent(tmp_path):
+    """An agent that runs the remote command here the way ssh runs it there: the words
+    after the host joined with spaces, then run by a shell."""
+    agent = tmp_path / "ssh_like.sh"
+    agent.write_text('#!/bin/sh\nshift\nexec sh -c "$*"\n')
+    agent.chmod(0o755)
+    return str(agent)
+
+
+# A path with every character a shell would act on: spaces, quotes, $( ), ;, a glob.
+AWKWARD = "it's a \"folder\"; $(touch PWNED) *"
+
+
+def test_paths_in_remote_commands_are_quoted(converted_dir, tmp_path, monkeypatch):
+    """Every path pasted into a remote command reaches the remote shell as one word, even in
+    the messages that report it missing; nothing in it is run."""
+    agent = ssh_like_agent(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    missing_project = str(tmp_path / AWKWARD / "project")
+    monkeypatch.setattr(preflight, "REPO_DIR", missing_project)
+    assert preflight.remote_report(agent, "node2", str(converted_dir), 30) == (
+        None, f"node2: project folder {missing_project} not found")
+    monkeypatch.setattr(preflight, "REPO_DIR", REPO_DIR)
+    missing_python = str(tmp_path / AWKWARD / "python")
+    monkeypatch.setattr(sys, "executable", missing_python)
+    assert preflight.remote_report(agent, "node2", str(converted_dir), 30) == (
+        None, f"node2: Python {missing_python} not found")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_sync_data_to_an_awkward_path(converted_dir, tmp_path, monkeypatch, capsys):
+    """--sync-data creates the data folder's parent and runs rsync over the agent with a
+    path a shell would split, expand or run: the folder is found, as it is."""
+    agent = ssh_like_agent(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    data_dir = tmp_path / AWKWARD / "data"
+    data_dir.parent.mkdir()
+    shutil.copytree(converted_dir, data_dir)
+    monkeypatch.setenv("RSYNC_OLD_ARGS", "1")  # rsync < 3.2.4 pasted paths into the command
+    # The "remote" host is this one: the same folder, so rsync finds nothing to copy.
+    assert preflight.sync_data(agent, "node2", str(data_dir), 60) is None
+    assert "preflight: node2: data up to date" in capsys.readouterr().out
+    assert not (tmp_path / "PWNED").exists()
