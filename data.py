@@ -13,6 +13,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from brainseg import context
+
 
 def shard_indices(num_samples, rank, num_ranks):
     """Rank r gets samples r, r + num_ranks, ...: disjoint shards that together cover every
@@ -52,9 +54,16 @@ def row_reader(array):
     return read
 
 
-def _reader(imgs, msks):
-    """A tf.data map function that reads sample i of the arrays."""
+def _reader(imgs, msks, neighbours=None):
+    """A tf.data map function that reads sample i of the arrays. With a neighbour table
+    (brainseg/context.py, 2.5D input) the image is row i stacked with its neighbouring rows
+    as channels, one pread per distinct row; the mask is row i's."""
     read_image, read_mask = row_reader(imgs), row_reader(msks)
+    image_shape = imgs.shape[1:]
+    if neighbours is not None:
+        read_row = read_image
+        read_image = lambda index: context.assemble(read_row, neighbours[index])  # noqa: E731
+        image_shape = (*imgs.shape[1:3], imgs.shape[3] * neighbours.shape[1])
 
     def read(index):
         return read_image(index), read_mask(index)
@@ -62,18 +71,20 @@ def _reader(imgs, msks):
     def read_in_graph(index):
         image, mask = tf.numpy_function(read, [index], (tf.float32, tf.float32),
                                         stateful=False)
-        image.set_shape(imgs.shape[1:])
+        image.set_shape(image_shape)
         mask.set_shape(msks.shape[1:])
         return image, mask
     return read_in_graph
 
 
-def augment(image, mask, seed, intensity=0.0):
+def augment(image, mask, seed, intensity=0.0, modalities=None):
     """A random left-right flip followed by a random number of 90-degree rotations: together
     they reach all 8 symmetries of the square. Image and mask are transformed together
     (concatenated), so the labels stay on their pixels. With intensity > 0, each modality's
     brain voxels are then scaled by 1 + u and shifted by v, u and v uniform in
-    [-intensity, intensity]; the background stays 0."""
+    [-intensity, intensity]; the background stays 0. A 2.5D image (several slices of
+    `modalities` channels each) gets each modality's change on every slice, inside that
+    slice's own brain."""
     flip_seed, rotation_seed, intensity_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 3))
     both = tf.concat([image, mask], axis=-1)
@@ -83,7 +94,15 @@ def augment(image, mask, seed, intensity=0.0):
     both = tf.image.rot90(both, quarter_turns)
     channels = image.shape[-1]
     image, mask = both[..., :channels], both[..., channels:]
-    if intensity:
+    if intensity and modalities not in (None, channels):  # 2.5D: [H, W, slices, modalities]
+        scale_shift = tf.random.stateless_uniform([2, modalities], intensity_seed,
+                                                  minval=-intensity, maxval=intensity)
+        slices = tf.reshape(image, tf.concat([tf.shape(image)[:2],
+                                              [channels // modalities, modalities]], axis=0))
+        brain = tf.cast(tf.reduce_any(slices != 0, axis=-1, keepdims=True), image.dtype)
+        image = tf.reshape(slices * (1 + scale_shift[0]) + scale_shift[1] * brain,
+                           tf.shape(image))
+    elif intensity:
         scale_shift = tf.random.stateless_uniform([2, channels], intensity_seed,
                                                   minval=-intensity, maxval=intensity)
         brain = tf.cast(tf.reduce_any(image != 0, axis=-1, keepdims=True), image.dtype)
@@ -92,9 +111,10 @@ def augment(image, mask, seed, intensity=0.0):
 
 
 def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0,
-                     intensity_augmentation=0.0):
+                     intensity_augmentation=0.0, neighbours=None):
     """Endless shuffled, augmented batches of the given shard; the caller takes
-    steps_per_epoch() batches per epoch. The same seed gives the same batches.
+    steps_per_epoch() batches per epoch. The same seed gives the same batches. `neighbours`
+    (brainseg/context.py's table for these arrays, None for one slice) makes 2.5D samples.
 
     skip_samples drops that many samples from the start of the stream: a run resumed after
     k epochs passes k x steps x batch size and sees exactly the batches the uninterrupted run
@@ -104,17 +124,19 @@ def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0,
     samples = samples.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True).repeat()
     augment_seeds = tf.data.Dataset.random(seed=seed).batch(2)
     samples = tf.data.Dataset.zip(samples, augment_seeds).skip(skip_samples)
-    read = _reader(imgs, msks)
+    read = _reader(imgs, msks, neighbours)
+    modalities = None if neighbours is None else imgs.shape[3]
     dataset = samples.map(lambda index, aug_seed: (*read(index), aug_seed),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.map(lambda image, mask, aug_seed: augment(image, mask, aug_seed,
-                                                               intensity_augmentation),
+                                                               intensity_augmentation,
+                                                               modalities),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def evaluation_dataset(imgs, msks, indices, batch_size):
-    """The shard once, in order, without augmentation."""
+def evaluation_dataset(imgs, msks, indices, batch_size, neighbours=None):
+    """The shard once, in order, without augmentation (2.5D samples with `neighbours`)."""
     dataset = tf.data.Dataset.from_tensor_slices(indices)
-    dataset = dataset.map(_reader(imgs, msks), num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(_reader(imgs, msks, neighbours), num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
