@@ -60,6 +60,14 @@ DICE_PER_REGION = True
 # too; 0 turns it off. Measured at 0.1 on the realistic benchmark: TC +0.011 on seed 1 but
 # -0.031 on seed 2 (WT +0.003, ET within 0.004 on both): off, no gain beyond seed noise.
 INTENSITY_AUGMENTATION = 0.0
+# 2.5D input: each axial slice is fed with this many neighbouring slices on EACH side as
+# extra channels (1: the slice below and the one above, 12 input channels for 4 modalities;
+# 0: one slice, as before). Context across slices is how a 2D model tells a vessel or a
+# lesion's end from a blob on one slice; the neighbours come from the same case (edge-padded
+# at its ends) and are assembled as rows are read, so the converted arrays stay as they are.
+# The exported model records it, and inference follows. Off until the accuracy benchmark
+# (bench/accuracy.py --train-flags "--context-slices 1") shows it better.
+CONTEXT_SLICES = 0
 # The documented recipe (bench/accuracy.py measures it); `make demo` trains fewer, to stay
 # within minutes.
 EPOCHS = 12

@@ -41,15 +41,17 @@ import tensorflow as tf
 
 import data
 import model as unet
-from brainseg import checkpoints, cli, dataset, folders, hardware, metrics, watchdog
+from brainseg import checkpoints, cli, context, dataset, folders, hardware, metrics, watchdog
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE",
-            "DICE_PER_REGION", "INTENSITY_AUGMENTATION", "LEARNING_RATE", "WARMUP_EPOCHS",
+            "DICE_PER_REGION", "INTENSITY_AUGMENTATION", "CONTEXT_SLICES", "LEARNING_RATE",
+            "WARMUP_EPOCHS",
             "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH", "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
             "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION", "EARLY_STOPPING_PATIENCE",
             "TIMELINE", "HOROVOD_CYCLE_TIME_MS", "STALL_TIMEOUT_SECONDS"]
 HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled by workers",
         "STEPS_PER_EPOCH": "0 = one pass over the largest shard",
+        "CONTEXT_SLICES": "neighbouring slices on each side fed as extra channels (2.5D)",
         "PRECISION": "auto | float32 | mixed_bfloat16",
         "EARLY_STOPPING_PATIENCE": "epochs without a better validation Dice; 0 = never",
         "TIMELINE": "write a Horovod timeline (Chrome trace) to this file",
@@ -228,14 +230,19 @@ def resume_point(output_dir, num_workers, steps_per_epoch):
 def sharded_datasets(args, imgs_train, msks_train, imgs_test, msks_test, samples_done):
     """This rank's endless, shuffled training batches, continuing after `samples_done`
     samples (a resumed run sees the batches the uninterrupted one would have), and its shard
-    of the validation slices."""
+    of the validation slices. With CONTEXT_SLICES each slice comes with its neighbours in
+    its case (the manifest's rows), as extra channels."""
+    manifest = dataset.load_manifest(args.DATA_DIR) if args.CONTEXT_SLICES else None
+    neighbours = {split: context.split_neighbours(manifest, split, len(imgs),
+                                                  args.CONTEXT_SLICES)
+                  for split, imgs in (("train", imgs_train), ("test", imgs_test))}
     train_batches = iter(data.training_dataset(
         imgs_train, msks_train, data.shard_indices(len(imgs_train), hvd.rank(), hvd.size()),
         args.BATCH_SIZE, seed=args.SEED + hvd.rank(), skip_samples=samples_done,
-        intensity_augmentation=args.INTENSITY_AUGMENTATION))
+        intensity_augmentation=args.INTENSITY_AUGMENTATION, neighbours=neighbours["train"]))
     test_batches = data.evaluation_dataset(
         imgs_test, msks_test, data.shard_indices(len(imgs_test), hvd.rank(), hvd.size()),
-        args.BATCH_SIZE)
+        args.BATCH_SIZE, neighbours=neighbours["test"])
     return train_batches, test_batches
 
 
@@ -256,7 +263,9 @@ def build_model_and_optimizer(args, images_shape, masks_shape, steps_per_epoch):
     """The U-Net (under the precision policy already set), Adam on the scaled, warmed-up
     schedule, and the model compiled with that optimizer: not for fit() (the loop in main()
     trains), but so that the callbacks find it and the saved state holds its variables."""
-    model = unet.build_unet(images_shape[1], images_shape[3], masks_shape[3],
+    model = unet.build_unet(images_shape[1], context.channels(images_shape[3],
+                                                              args.CONTEXT_SLICES),
+                            masks_shape[3],
                             args.BASE_FILTERS, args.DEPTH, args.USE_TRANSPOSED_CONV,
                             args.USE_BATCH_NORM, args.DROPOUT)
     schedule = learning_rate_schedule(args.LEARNING_RATE, hvd.size(), steps_per_epoch,
@@ -418,7 +427,8 @@ def main(argv=None):
 
     # Train, averaging gradients across workers; rank 0 checkpoints every epoch.
     fit(model, optimizer, schedule, train_batches, test_batches, progress,
-        checkpoints.describe(dataset.load_manifest(args.DATA_DIR)), args, stall_watchdog)
+        checkpoints.describe(dataset.load_manifest(args.DATA_DIR), args.CONTEXT_SLICES), args,
+        stall_watchdog)
     say(f"rank {hvd.rank()}: final weights fingerprint {checkpoints.weights_fingerprint(model)}")
     say(f"rank {hvd.rank()}: {memory_line()}")
     say(f"rank {hvd.rank()}: longest pause between steps {stall_watchdog.longest_wait:.1f} s "

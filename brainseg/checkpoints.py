@@ -144,14 +144,16 @@ def restore_state(model, state):
                          f"written with other model settings?")
 
 
-def describe(manifest):
+def describe(manifest, context_slices=0):
     """What inference needs to prepare new cases as the model's training data was prepared,
     from the converter's manifest (None without one): the preprocessing (crop, slice policy,
-    label mode), the modalities in channel order and the region names of the outputs."""
+    label mode), the modalities in channel order, the region names of the outputs, and the
+    neighbouring slices on each side stacked with every slice (2.5D input, brainseg/context.py;
+    0 for one slice)."""
     if manifest is None:
         return None
     return {"preprocessing": manifest["preprocessing"], "modalities": manifest["modalities"],
-            "regions": manifest["targets"]}
+            "regions": manifest["targets"], "context_slices": context_slices}
 
 
 def export_for_inference(model, path, description=None):
