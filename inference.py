@@ -26,8 +26,8 @@ import keras
 import nibabel as nib
 import numpy as np
 
-from brainseg import (checkpoints, cli, dataset, figures, folders, hardware, json_names,
-                      layouts, metrics, nifti, postprocessing, preprocessing)
+from brainseg import (checkpoints, cli, context, dataset, figures, folders, hardware,
+                      json_names, layouts, metrics, nifti, postprocessing, preprocessing)
 from brainseg.atomic import OutputFolder
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "CHECKPOINT", "INFERENCE_DIR", "INFERENCE_BATCH_SIZE",
@@ -77,6 +77,25 @@ def check_fits(model, checkpoint, image_size, channels, what):
         raise InferenceError(f"{checkpoint}: trained on {model_size}x{model_size} slices with "
                              f"{model_channels} channels, but {what} has {image_size}x"
                              f"{image_size} with {channels}")
+
+
+def context_slices_for(model, checkpoint):
+    """The neighbouring slices on each side the model takes with every slice (2.5D input,
+    brainseg/context.py), and where that was read: the checkpoint's description, else its
+    input channels (modalities x (2k + 1)). A count that is neither gives 0, and then
+    check_fits names the mismatch."""
+    description = checkpoints.read_description(checkpoint) or {}
+    if "context_slices" in description:
+        return int(description["context_slices"]), checkpoint
+    channels = model.input_shape[-1]
+    return (context.from_channels(channels, len(layouts.MODALITIES)) or 0,
+            f"the model's {channels} input channels")
+
+
+def say_context(context_slices, source):
+    if context_slices:
+        print(f"2.5D input: {context_slices} neighbouring slice(s) on each side of every "
+              f"slice (from {source})")
 
 
 def predict(model, imgs, batch_size, flips=False):
@@ -149,8 +168,15 @@ def infer_arrays(model, args, output):
     options = preprocessing.Preprocessing(**manifest["preprocessing"])
     imgs, msks = dataset.open_split(args.DATA_DIR, "test")
     imgs_path = dataset.split_paths(args.DATA_DIR, "test")[0]
-    check_fits(model, args.CHECKPOINT, imgs.shape[1], imgs.shape[3], imgs_path)
-    probabilities, seconds = predict(model, imgs, args.INFERENCE_BATCH_SIZE,
+    context_slices, source = context_slices_for(model, args.CHECKPOINT)
+    check_fits(model, args.CHECKPOINT, imgs.shape[1],
+               context.channels(imgs.shape[3], context_slices), imgs_path)
+    inputs = imgs
+    if context_slices:  # each slice with its neighbours in its case, assembled per batch
+        say_context(context_slices, source)
+        inputs = context.StackedRows(imgs, context.split_neighbours(
+            manifest, "test", len(imgs), context_slices))
+    probabilities, seconds = predict(model, inputs, args.INFERENCE_BATCH_SIZE,
                                      args.TEST_TIME_FLIPS)
     predictions = probabilities > 0.5
     regions = options.target_names
@@ -203,13 +229,17 @@ def input_cases(path):
         return cases
 
 
-def segment_case(model, case, options, args, output):
+def segment_case(model, case, options, args, output, context_slices=0):
     """Segments one case and writes its NIfTI. Returns its metrics row and the [slice, H, W]
-    FLAIR, truth and prediction for a montage; (None, None) for a case without labels."""
+    FLAIR, truth and prediction for a montage; (None, None) for a case without labels.
+    A 2.5D model (context_slices > 0) gets each slice with its neighbours in the case."""
     image, labels = layouts.read_case(case)
     imgs, _, geometry = preprocessing.preprocess_case(image, None, options)
-    check_fits(model, args.CHECKPOINT, options.image_size, image.shape[3],
+    check_fits(model, args.CHECKPOINT, options.image_size,
+               context.channels(image.shape[3], context_slices),
                case.images[layouts.MODALITIES[0]])
+    if context_slices:
+        imgs = context.stack_case(imgs, geometry["slices"], context_slices)
     slice_probabilities, seconds = predict(model, imgs, args.INFERENCE_BATCH_SIZE,
                                            args.TEST_TIME_FLIPS)
     probabilities = preprocessing.to_volume(slice_probabilities, geometry, image.shape[:3])
@@ -268,10 +298,12 @@ def infer_nifti(model, args, output):
         raise InferenceError(str(error)) from error
     options, source = preprocessing_for(model, args)
     print(f"{len(cases)} case(s) from {args.input}; preprocessing from {source}: {options}")
+    context_slices, context_source = context_slices_for(model, args.CHECKPOINT)
+    say_context(context_slices, context_source)
     rows, failures = [], []
     for case in cases:
         try:
-            row, views = segment_case(model, case, options, args, output)
+            row, views = segment_case(model, case, options, args, output, context_slices)
         except (layouts.CaseError, InferenceError, FileExistsError) as error:
             print(f"  {case.case_id}: FAILED: {error}")
             failures.append((case.case_id, str(error)))
