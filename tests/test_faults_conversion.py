@@ -1,6 +1,7 @@
 """Faults during conversion, each reproduced with a real converter process: killed converter,
 killed worker, full disk, read-only folder, two conversions at once, overlapping folders.
 Every one ends in a clear message, and the previous dataset intact (checked by hash)."""
+import contextlib
 import hashlib
 import os
 import signal
@@ -120,13 +121,23 @@ def test_a_worker_killed_midway_is_retried_and_the_output_is_unchanged(many_case
     assert hashes(out_dir) == hashes(clean)
 
 
-def test_a_full_disk_leaves_the_previous_dataset_whole(raw_dir, tmp_path):
+@contextlib.contextmanager
+def small_disk(folder, size):
+    """A tmpfs of `size` mounted at folder for the block (a real filesystem that fills up
+    or turns read-only); skips the test without root."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], check=True)
+        pytest.skip("mounting a tmpfs needs root")
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                   check=True)
     try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_leaves_the_previous_dataset_whole(raw_dir, tmp_path):
+    with small_disk(tmp_path / "disk", "400k") as disk:
         out_dir = disk / "converted"
         result = run_converter(raw_dir, out_dir, "--image-size", "16", "--crop-size", "48")
         assert result.returncode == 0, result.stderr  # a small dataset fits
@@ -137,8 +148,6 @@ def test_a_full_disk_leaves_the_previous_dataset_whole(raw_dir, tmp_path):
         assert "previous content is unchanged" in result.stderr
         assert_intact(out_dir, before)
         assert sorted(os.listdir(disk)) == [".converted.lock", "converted"]  # no staging left
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_a_read_only_folder_is_a_clear_error(raw_dir, previous_dataset):
@@ -155,12 +164,7 @@ def test_a_read_only_folder_is_a_clear_error(raw_dir, previous_dataset):
 
 
 def test_a_read_only_filesystem_is_a_clear_error(raw_dir, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
-    try:
+    with small_disk(tmp_path / "disk", "4m") as disk:
         out_dir = disk / "converted"
         assert run_converter(raw_dir, out_dir).returncode == 0
         before = hashes(out_dir)
@@ -169,8 +173,6 @@ def test_a_read_only_filesystem_is_a_clear_error(raw_dir, tmp_path):
         assert result.returncode != 0
         assert "Read-only file system" in result.stderr and str(out_dir) in result.stderr
         assert_intact(out_dir, before)
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_a_second_conversion_into_a_busy_folder_is_refused_naming_the_first(
