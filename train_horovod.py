@@ -80,6 +80,17 @@ def broadcast_from_rank0(variables):
         variable.assign(hvd.broadcast(variable.value, root_rank=0))
 
 
+def average_across_ranks(variables):
+    """Batch normalization's moving mean and variance are not trained, so the gradient
+    allreduce never touches them: each rank updates them from its own batches and the ranks'
+    models drift apart (seen: different final weights on the two ranks). Averaging them
+    after every epoch, before validation, keeps every rank's model identical. Without
+    batch normalization the list is empty and nothing changes."""
+    if hvd.size() > 1:
+        for variable in variables:
+            variable.assign(hvd.allreduce(variable.value, op=hvd.Average))
+
+
 def make_train_step(model, optimizer, loss_fn):
     # No XLA (jit_compile): Horovod's XLA ops are not built for TF 2.21 (see README).
     @tf.function(jit_compile=False)
@@ -349,6 +360,7 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, descr
         loss, dice, seconds = train_one_epoch(train_step, train_batches,
                                               progress.steps_per_epoch, epoch,
                                               args.LOG_EVERY_STEPS, stall_watchdog)
+        average_across_ranks(model.non_trainable_variables)
         val_loss, val_dice = evaluate(eval_step, test_batches, num_regions, epoch,
                                       stall_watchdog)
         seconds_this_run.append(seconds)

@@ -32,6 +32,17 @@ def test_both_workers_end_with_identical_weights(trained_run):
     assert fingerprints["0"] == fingerprints["1"]
 
 
+def test_with_batch_normalization_both_workers_still_end_identical(converted_dir, tmp_path):
+    """Batch normalization's moving statistics are not trained: without averaging them
+    across ranks every epoch, each rank kept its own and the final weights differed."""
+    result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
+                  "--data-dir", str(converted_dir), "--train-dir", str(tmp_path / "bn"),
+                  "--epochs", "1", "--use-batch-norm", "true", *TINY_MODEL], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    fingerprints = weights_fingerprints(result.stdout)
+    assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
+
+
 def test_rerunning_a_finished_run_returns_without_building_a_model(trained_run,
                                                                   converted_dir):
     """The same command again: both ranks read the finished state, say so and stop before
