@@ -91,6 +91,7 @@ def check_vouched(path, manifest):
 def check_replaceable(data_dir):
     """Raises ValueError unless data_dir is absent, empty or a converted dataset: a conversion
     replaces the whole folder, which must not take anything else with it."""
+    data_dir = os.path.realpath(data_dir)  # a link to a folder yet to be made is fine
     if not os.path.isdir(data_dir):
         if os.path.lexists(data_dir):
             raise ValueError(f"{data_dir}: exists and is not a folder")

@@ -34,8 +34,9 @@ class FolderBusyError(RuntimeError):
 
 
 def lock_path(folder):
-    """The lock file of a folder: beside it, so swapping the folder keeps the lock."""
-    parent, name = os.path.split(os.path.abspath(folder))
+    """The lock file of a folder: beside it (beside its target, for a symbolic link), so
+    swapping the folder keeps the lock."""
+    parent, name = os.path.split(os.path.realpath(folder))
     return os.path.join(parent, f".{name}.lock")
 
 
@@ -81,15 +82,17 @@ def refuse_overlap(output, inputs, around=True):
 
 
 def _staging_prefix(folder):
-    return f".{os.path.basename(os.path.abspath(folder))}.staging."
+    return f".{os.path.basename(os.path.realpath(folder))}.staging."
 
 
 @contextlib.contextmanager
 def staging(folder):
     """A new hidden folder beside `folder` (same filesystem, so it can be swapped in),
     removed when the block ends unless swap_in moved it into place. Call under locked():
-    stagings that crashed runs left behind are removed first."""
-    parent = os.path.dirname(os.path.abspath(folder))
+    stagings that crashed runs left behind are removed first. A folder reached through a
+    symbolic link (data on a scratch filesystem, say) is staged beside the link's target:
+    the data stays on that filesystem and the link keeps pointing at it."""
+    parent = os.path.dirname(os.path.realpath(folder))
     os.makedirs(parent, exist_ok=True)
     for leftover in glob.glob(os.path.join(parent, glob.escape(_staging_prefix(folder)) + "*")):
         print(f"Removing {leftover}, left by an interrupted run")
@@ -104,7 +107,8 @@ def staging(folder):
 def swap_in(staged, folder):
     """Puts the finished staging folder in folder's place in one step; the previous content
     of folder ends up in `staged` (deleted when the staging block ends). Durable: the parent
-    folder is flushed after the exchange."""
+    folder is flushed after the exchange. A symbolic link is kept: its target is replaced."""
+    folder = os.path.realpath(folder)
     if not os.path.lexists(folder):
         os.rename(staged, folder)
         os.mkdir(staged)  # staging() expects a folder to remove
@@ -115,7 +119,7 @@ def swap_in(staged, folder):
         os.rename(folder, previous)
         os.rename(staged, folder)
         os.rename(previous, staged)
-    atomic.fsync_path(os.path.dirname(os.path.abspath(folder)))
+    atomic.fsync_path(os.path.dirname(folder))
 
 
 _RENAME_EXCHANGE = 2

@@ -183,11 +183,13 @@ def test_a_second_conversion_into_a_busy_folder_is_refused_naming_the_first(
     try:
         assert wait_for(lambda: os.path.exists(folders.lock_path(out_dir)) and
                         str(first.pid) in open(folders.lock_path(out_dir)).read())
+        first.send_signal(signal.SIGSTOP)  # holds the lock for as long as the test needs
         second = run_converter(many_cases, out_dir)
         assert second.returncode != 0
         assert f"in use by another run (process {first.pid} on " in second.stderr
         assert "converter.py" in second.stderr
         assert hashes(out_dir) == before  # the first is still converting, the second did nothing
+        first.send_signal(signal.SIGCONT)
         assert first.wait(timeout=300) == 0
     finally:
         first.kill()
@@ -225,3 +227,17 @@ def test_arrays_the_manifest_does_not_vouch_for_are_refused(raw_dir, previous_da
     os.remove(out_dir / "manifest.json")  # a folder whose conversion never finished
     with pytest.raises(ValueError, match="no manifest.json beside it"):
         dataset.open_split(out_dir, "test")
+
+
+def test_a_data_folder_reached_through_a_symlink_stays_on_its_target(raw_dir, tmp_path):
+    """Data on a scratch filesystem, linked from the project: the new dataset must land on
+    the target (not beside the link), and the link keep pointing at it."""
+    (tmp_path / "scratch").mkdir()
+    os.symlink(tmp_path / "scratch" / "converted", tmp_path / "link")
+    for split_seed in ("1", "2"):  # a first conversion, then one replacing it
+        result = run_converter(raw_dir, tmp_path / "link", "--split-seed", split_seed)
+        assert result.returncode == 0, result.stderr
+        assert os.path.islink(tmp_path / "link")
+        assert dataset.load_manifest(tmp_path / "scratch" / "converted")["split_seed"] == int(
+            split_seed)
+    assert sorted(os.listdir(tmp_path)) == ["link", "scratch"]
