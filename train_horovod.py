@@ -80,15 +80,18 @@ def broadcast_from_rank0(variables):
         variable.assign(hvd.broadcast(variable.value, root_rank=0))
 
 
-def average_across_ranks(variables):
+def average_batch_norm_statistics(model):
     """Batch normalization's moving mean and variance are not trained, so the gradient
     allreduce never touches them: each rank updates them from its own batches and the ranks'
     models drift apart (seen: different final weights on the two ranks). Averaging them
-    after every epoch, before validation, keeps every rank's model identical. Without
-    batch normalization the list is empty and nothing changes."""
+    after every epoch, before validation, keeps every rank's model identical. Only these:
+    the model's other untrained variables (dropout's random-seed state) are not statistics.
+    Without batch normalization there is nothing to average."""
     if hvd.size() > 1:
-        for variable in variables:
-            variable.assign(hvd.allreduce(variable.value, op=hvd.Average))
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                for variable in layer.non_trainable_variables:
+                    variable.assign(hvd.allreduce(variable.value, op=hvd.Average))
 
 
 def make_train_step(model, optimizer, loss_fn):
@@ -360,7 +363,7 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, descr
         loss, dice, seconds = train_one_epoch(train_step, train_batches,
                                               progress.steps_per_epoch, epoch,
                                               args.LOG_EVERY_STEPS, stall_watchdog)
-        average_across_ranks(model.non_trainable_variables)
+        average_batch_norm_statistics(model)
         val_loss, val_dice = evaluate(eval_step, test_batches, num_regions, epoch,
                                       stall_watchdog)
         seconds_this_run.append(seconds)
