@@ -13,6 +13,7 @@ Every file is written under a temporary name (atomic.create_temporary: a unique 
 `.partial.` name, so no pattern below matches a leftover) and renamed when complete, manifest.json
 last: a folder without a manifest is incomplete.
 """
+import fnmatch
 import hashlib
 import io
 import json
@@ -97,8 +98,8 @@ def check_replaceable(data_dir):
             raise ValueError(f"{data_dir}: exists and is not a folder")
         return
     others = sorted(name for name in os.listdir(data_dir)
-                    if not (name == MANIFEST or name.startswith(atomic.PARTIAL_PREFIX)
-                            or (name.startswith(("imgs_", "msks_")) and name.endswith(".npy"))))
+                    if not (name.startswith(atomic.PARTIAL_PREFIX) or any(
+                        fnmatch.fnmatchcase(name, pattern) for pattern in DATA_PATTERNS)))
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
         raise ValueError(f"{data_dir}: holds files that are not a converted dataset ({shown}); "
