@@ -105,8 +105,10 @@ def prepared_cases(cases, options, workers):
             with worker_pool(workers) as pool:
                 while pending or in_flight:
                     while pending and len(in_flight) < 2 * workers:
-                        case = pending.popleft()
-                        in_flight.append((case, pool.submit(prepare_case, case, options)))
+                        # Submitted before it leaves `pending`: a submit to a pool that has
+                        # just broken raises, and the case must then still be converted.
+                        future = pool.submit(prepare_case, pending[0], options)
+                        in_flight.append((pending.popleft(), future))
                     result = in_flight[0][1].result()
                     yield in_flight.popleft()[0], result
         except concurrent.futures.process.BrokenProcessPool:
