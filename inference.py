@@ -384,7 +384,8 @@ def configure_tensorflow(args):
         print("TensorFlow is already running in this process; keeping its thread settings")
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The settings and flags of a run (bench/inference.py runs its pieces with them)."""
     parser = cli.parser_for(__doc__.splitlines()[0], SETTINGS, HELP, ALIASES)
     parser.add_argument("--input", help="case folder, release folder or 4-D NIfTI to segment")
     parser.add_argument("--probabilities", action="store_true",
@@ -392,6 +393,11 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
     args.CHECKPOINT = args.CHECKPOINT or os.path.join(args.TRAIN_DIR, checkpoints.EXPORT_NAME)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     print(f"Inference\nConfiguration:\n{cli.format_config(args)}")
     try:
         if runtime.resolve_runtime(args.INFERENCE_RUNTIME) == "tensorflow":
