@@ -91,8 +91,11 @@ def cache_entry(checkpoint, digest):
 
 def export_ir(keras_model, folder):
     """Writes the float32 forward pass of a Keras model as OpenVINO IR into folder. Keras
-    traces it with TensorFlow and hands the graph to openvino.convert_model, in memory."""
-    keras_model.export(os.path.join(folder, IR_NAME), format="openvino", verbose=False)
+    traces it with TensorFlow and hands the graph to openvino.convert_model, in memory. A
+    bfloat16-trained model is exported in float32 too: OpenVINO's precision is chosen when
+    compiling (INFERENCE_PRECISION_HINT), which bfloat16 casts in the graph would override."""
+    float32_model = hardware.in_precision(keras_model, "float32")
+    float32_model.export(os.path.join(folder, IR_NAME), format="openvino", verbose=False)
 
 
 def build_entry(entry, keras_model):

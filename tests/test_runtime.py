@@ -4,13 +4,15 @@ changes; the runtime and precision settings."""
 import os
 import shutil
 
+import keras
 import nibabel as nib
 import numpy as np
 import pytest
 
 import inference
-from brainseg import atomic, dataset, metrics, runtime, synthetic
-from conftest import SMALL_SHAPE
+import model as unet
+from brainseg import atomic, checkpoints, dataset, hardware, metrics, runtime, synthetic
+from conftest import SMALL_IMAGE_SIZE, SMALL_SHAPE
 
 
 @pytest.fixture()
@@ -99,6 +101,23 @@ def test_the_converted_model_is_reused_and_rebuilt_when_the_checkpoint_changes(
     imgs = np.asarray(dataset.open_split(str(converted_dir), "test")[0][:64], np.float32)
     served = runtime.OpenVINOModel(rebuilt, "f32", threads=1).predict_on_batch(imgs)
     np.testing.assert_allclose(served, model.predict_on_batch(imgs), atol=1e-4)
+
+
+def test_a_bfloat16_trained_checkpoint_is_converted_in_float32(tmp_path):
+    """OpenVINO's precision is chosen when compiling: the IR must not carry bfloat16 casts,
+    or --inference-precision float32 would still compute in bfloat16."""
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        net = unet.build_unet(SMALL_IMAGE_SIZE, 4, 3, base_filters=4, depth=2)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    checkpoints.export_for_inference(net, str(tmp_path / "bf16.keras"))
+    ir_path, _ = runtime.cached_ir(str(tmp_path / "bf16.keras"), inference.load_checkpoint)
+    images = np.random.default_rng(3).normal(size=(8, SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE, 4))
+    images = images.astype(np.float32)
+    served = runtime.OpenVINOModel(ir_path, "f32", threads=1).predict_on_batch(images)
+    float32 = hardware.in_precision(net, "float32").predict_on_batch(images)
+    np.testing.assert_allclose(served, float32, atol=1e-5)
 
 
 def test_a_run_that_loses_the_race_to_build_the_cache_uses_the_winners(checkpoint):
