@@ -32,9 +32,9 @@ from brainseg import (checkpoints, cli, context, dataset, figures, folders, hard
 from brainseg.atomic import OutputFolder
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "CHECKPOINT", "INFERENCE_DIR", "INFERENCE_BATCH_SIZE",
-            "INFERENCE_PRECISION", "INFERENCE_RUNTIME", "TEST_TIME_FLIPS", "MIN_LESION_MM3", "MIN_ENHANCING_MM3",
-            "LESION_WISE", "NUM_FIGURES", "NUM_INTRA_THREADS", "NUM_INTER_THREADS",
-            "CROP_SIZE", "CROP_MODE", "SLICE_POLICY"]
+            "INFERENCE_PRECISION", "INFERENCE_RUNTIME", "TEST_TIME_FLIPS", "MIN_LESION_MM3",
+            "MIN_ENHANCING_MM3", "LESION_WISE", "NUM_FIGURES", "NUM_INTRA_THREADS",
+            "NUM_INTER_THREADS", "CROP_SIZE", "CROP_MODE", "SLICE_POLICY"]
 # Earlier spellings of the flags, still accepted (the README used them).
 ALIASES = {"INFERENCE_DIR": ["--output-dir"], "INFERENCE_BATCH_SIZE": ["--batch-size"],
            "INFERENCE_PRECISION": ["--precision"]}

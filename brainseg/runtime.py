@@ -147,7 +147,12 @@ def cached_ir(checkpoint, load_keras):
         keras_model = load_keras(checkpoint)
         if checkpoint_digest(checkpoint) != digest:
             raise ValueError(f"{checkpoint}: changed while it was being read; run again")
-        build_entry(entry, keras_model)
+        try:
+            build_entry(entry, keras_model)
+        except OSError as error:  # a read-only or full filesystem, say
+            raise ValueError(f"{cache_folder(checkpoint)}: cannot write the converted OpenVINO "
+                             f"model beside the checkpoint ({error}); make the folder "
+                             f"writable or use --inference-runtime tensorflow") from error
         remove_stale_entries(entry)
     return os.path.join(entry, IR_NAME), converted
 

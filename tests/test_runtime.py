@@ -141,6 +141,14 @@ def test_a_failed_conversion_leaves_no_entry(checkpoint, monkeypatch):
     assert os.listdir(checkpoint + runtime.CACHE_SUFFIX) == []
 
 
+def test_a_cache_that_cannot_be_written_is_named(checkpoint, monkeypatch):
+    def full_disk(keras_model, folder):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(runtime, "export_ir", full_disk)
+    with pytest.raises(ValueError, match=f"{checkpoint}.openvino: cannot write .* No space"):
+        runtime.cached_ir(checkpoint, inference.load_checkpoint)
+
+
 # --- Settings ----------------------------------------------------------------------------------
 
 def test_auto_is_openvino_where_it_is_installed(monkeypatch):
