@@ -18,22 +18,23 @@ per region), summary_metrics.csv (mean, median, std), metrics.json, a PNG montag
 case, dice_distribution.png. Files are written atomically and never overwritten unless
 --overwrite is given.
 """
+import contextlib
 import os
 import sys
 import time
 
-import keras
 import nibabel as nib
 import numpy as np
 
 from brainseg import (checkpoints, cli, context, dataset, figures, folders, hardware,
-                      json_names, layouts, metrics, nifti, postprocessing, preprocessing)
+                      json_names, layouts, metrics, nifti, postprocessing, preprocessing,
+                      runtime)
 from brainseg.atomic import OutputFolder
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "CHECKPOINT", "INFERENCE_DIR", "INFERENCE_BATCH_SIZE",
-            "INFERENCE_PRECISION", "TEST_TIME_FLIPS", "MIN_LESION_MM3", "MIN_ENHANCING_MM3",
-            "LESION_WISE", "NUM_FIGURES", "NUM_INTRA_THREADS", "NUM_INTER_THREADS",
-            "CROP_SIZE", "CROP_MODE", "SLICE_POLICY"]
+            "INFERENCE_PRECISION", "INFERENCE_RUNTIME", "TEST_TIME_FLIPS", "MIN_LESION_MM3",
+            "MIN_ENHANCING_MM3", "LESION_WISE", "NUM_FIGURES", "NUM_INTRA_THREADS",
+            "NUM_INTER_THREADS", "CROP_SIZE", "CROP_MODE", "SLICE_POLICY"]
 # Earlier spellings of the flags, still accepted (the README used them).
 ALIASES = {"INFERENCE_DIR": ["--output-dir"], "INFERENCE_BATCH_SIZE": ["--batch-size"],
            "INFERENCE_PRECISION": ["--precision"]}
@@ -41,6 +42,8 @@ HELP = {"DATA_DIR": "converted arrays (with --input: only used for a checkpoint 
                     "describe its preprocessing)",
         "CHECKPOINT": "default: TRAIN_DIR/model.keras",
         "INFERENCE_PRECISION": "auto, float32 or mixed_bfloat16",
+        "INFERENCE_RUNTIME": "auto (openvino when installed, else tensorflow), openvino or "
+                             "tensorflow",
         "NUM_FIGURES": "montages of at most this many cases; 0: all",
         "TEST_TIME_FLIPS": "average the prediction with that of the left-right mirror image",
         "MIN_LESION_MM3": "remove predicted tumor components smaller than this; 0: keep all",
@@ -59,11 +62,19 @@ class InferenceError(Exception):
 
 # --- Model -------------------------------------------------------------------------------------
 
-def load_checkpoint(path):
-    """The trained U-Net, loaded in Keras safe mode (no arbitrary code from the file)."""
+def check_exists(path):
     if not os.path.exists(path):
         raise InferenceError(f"{path}: checkpoint not found; train first with "
                              f"run_multinode.sh or pass --checkpoint")
+
+
+def load_checkpoint(path):
+    """The trained U-Net, loaded in Keras safe mode (no arbitrary code from the file).
+    Keras (and TensorFlow) are imported here, not at the top: OpenVINO with a cached model
+    needs neither, which saves seconds of start-up."""
+    import keras
+
+    check_exists(path)
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as error:
@@ -90,6 +101,38 @@ def context_slices_for(model, checkpoint):
     channels = model.input_shape[-1]
     return (context.from_channels(channels, len(layouts.MODALITIES)) or 0,
             f"the model's {channels} input channels")
+
+
+def load_model(args):
+    """The model that predicts (brainseg/runtime.py: TensorFlow or OpenVINO, in the
+    precision asked for), saying which."""
+    check_exists(args.CHECKPOINT)
+    intra, _ = hardware.resolve(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS)
+    try:
+        model, description = runtime.load(args.CHECKPOINT, args.INFERENCE_RUNTIME,
+                                           args.INFERENCE_PRECISION, load_checkpoint, intra)
+    except RuntimeError as error:  # OpenVINO's errors: conversion, reading, compiling
+        raise InferenceError(f"{args.CHECKPOINT}: OpenVINO failed ({error}); "
+                             f"--inference-runtime tensorflow avoids it") from error
+    print(description)
+    return model
+
+
+class Stopwatch:
+    """Seconds spent in each phase of a run, summed over its cases: where the time goes
+    (bench/inference.py prints it)."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = (self.seconds.get(phase, 0.0)
+                                   + time.perf_counter() - started)
 
 
 def say_context(context_slices, source):
@@ -229,39 +272,48 @@ def input_cases(path):
         return cases
 
 
-def segment_case(model, case, options, args, output, context_slices=0):
+def segment_case(model, case, options, args, output, context_slices=0, clock=None):
     """Segments one case and writes its NIfTI. Returns its metrics row and the [slice, H, W]
     FLAIR, truth and prediction for a montage; (None, None) for a case without labels.
-    A 2.5D model (context_slices > 0) gets each slice with its neighbours in the case."""
-    image, labels = layouts.read_case(case)
-    imgs, _, geometry = preprocessing.preprocess_case(image, None, options)
-    check_fits(model, args.CHECKPOINT, options.image_size,
-               context.channels(image.shape[3], context_slices),
-               case.images[layouts.MODALITIES[0]])
-    if context_slices:
-        imgs = context.stack_case(imgs, geometry["slices"], context_slices)
-    slice_probabilities, seconds = predict(model, imgs, args.INFERENCE_BATCH_SIZE,
-                                           args.TEST_TIME_FLIPS)
-    probabilities = preprocessing.to_volume(slice_probabilities, geometry, image.shape[:3])
-
-    reference = layouts.reference_image(case)
-    spacing = nifti.canonical_grid(reference).zooms  # the axes of `image`, not the file's
-    internal, masks = segmentation(probabilities > 0.5, spacing, options.label_mode, args)
-    release = layouts.to_release_labels(internal, case.layout)
-    output.write(f"{case.case_id}.nii.gz",
-                 lambda path: nib.save(layouts.like_reference(release, reference), path))
-    if args.probabilities:
-        squeezed = probabilities[..., 0] if probabilities.shape[-1] == 1 else probabilities
-        output.write(f"{case.case_id}_probabilities.nii.gz",
-                     lambda path: nib.save(layouts.like_reference(squeezed, reference), path))
+    A 2.5D model (context_slices > 0) gets each slice with its neighbours in the case.
+    clock (a Stopwatch) adds the seconds of each phase to its totals."""
+    clock = clock or Stopwatch()
+    with clock("read"):
+        image, labels = layouts.read_case(case)
+        reference = layouts.reference_image(case)
+    with clock("preprocess"):
+        imgs, _, geometry = preprocessing.preprocess_case(image, None, options)
+        check_fits(model, args.CHECKPOINT, options.image_size,
+                   context.channels(image.shape[3], context_slices),
+                   case.images[layouts.MODALITIES[0]])
+        if context_slices:
+            imgs = context.stack_case(imgs, geometry["slices"], context_slices)
+    with clock("predict"):
+        slice_probabilities, seconds = predict(model, imgs, args.INFERENCE_BATCH_SIZE,
+                                               args.TEST_TIME_FLIPS)
+    with clock("postprocess"):
+        probabilities = preprocessing.to_volume(slice_probabilities, geometry, image.shape[:3])
+        spacing = nifti.canonical_grid(reference).zooms  # the axes of `image`, not the file's
+        internal, masks = segmentation(probabilities > 0.5, spacing, options.label_mode, args)
+        release = layouts.to_release_labels(internal, case.layout)
+    with clock("write"):
+        output.write(f"{case.case_id}.nii.gz",
+                     lambda path: nib.save(layouts.like_reference(release, reference), path))
+        if args.probabilities:
+            squeezed = probabilities[..., 0] if probabilities.shape[-1] == 1 else probabilities
+            output.write(f"{case.case_id}_probabilities.nii.gz",
+                         lambda path: nib.save(layouts.like_reference(squeezed, reference),
+                                               path))
     print(f"  {case.case_id:<28} {len(imgs):4d} slices in {seconds:.2f} s", end="")
     if labels is None:
         print("  (no label map: not scored)")
         return None, None
-    truth = preprocessing.targets(labels, options.label_mode).astype(bool)
-    row = metrics.score_case(case.case_id, len(imgs), truth, masks, options.target_names,
-                             spacing,
-                             lesion_scores(truth, internal, spacing, options.label_mode, args))
+    with clock("score"):
+        truth = preprocessing.targets(labels, options.label_mode).astype(bool)
+        row = metrics.score_case(case.case_id, len(imgs), truth, masks, options.target_names,
+                                 spacing,
+                                 lesion_scores(truth, internal, spacing, options.label_mode,
+                                               args))
     print(f"  {metrics.case_scores(row, options.target_names)}")
     return row, (np.moveaxis(image[..., FLAIR], 2, 0), np.moveaxis(truth, 2, 0),
                  np.moveaxis(masks, 2, 0), options.target_names)
@@ -324,7 +376,16 @@ def infer_nifti(model, args, output):
         sys.exit(1)
 
 
-def main(argv=None):
+def configure_tensorflow(args):
+    """TensorFlow's threads; OpenVINO takes its own (load_model) and needs no TensorFlow."""
+    try:
+        hardware.configure(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS)
+    except RuntimeError:  # called as a library after TensorFlow started: keep its threads
+        print("TensorFlow is already running in this process; keeping its thread settings")
+
+
+def parse_args(argv=None):
+    """The settings and flags of a run (bench/inference.py runs its pieces with them)."""
     parser = cli.parser_for(__doc__.splitlines()[0], SETTINGS, HELP, ALIASES)
     parser.add_argument("--input", help="case folder, release folder or 4-D NIfTI to segment")
     parser.add_argument("--probabilities", action="store_true",
@@ -332,16 +393,19 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
     args.CHECKPOINT = args.CHECKPOINT or os.path.join(args.TRAIN_DIR, checkpoints.EXPORT_NAME)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     print(f"Inference\nConfiguration:\n{cli.format_config(args)}")
     try:
-        hardware.configure(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS)
-    except RuntimeError:  # called as a library after TensorFlow started: keep its threads
-        print("TensorFlow is already running in this process; keeping its thread settings")
-    try:
+        if runtime.resolve_runtime(args.INFERENCE_RUNTIME) == "tensorflow":
+            configure_tensorflow(args)
         if args.input:  # outputs never land among the inputs, where they could replace one
             input_folder = args.input if os.path.isdir(args.input) else os.path.dirname(args.input)
             folders.refuse_overlap(args.INFERENCE_DIR, [input_folder or "."], around=False)
-        model = hardware.in_precision(load_checkpoint(args.CHECKPOINT), args.INFERENCE_PRECISION)
+        model = load_model(args)
         with folders.locked(args.INFERENCE_DIR):
             output = OutputFolder(args.INFERENCE_DIR, args.overwrite)
             (infer_nifti if args.input else infer_arrays)(model, args, output)

@@ -141,7 +141,13 @@ HOST_TIMEOUT_SECONDS = 20
 # --- Inference -----------------------------------------------------------------------------
 CHECKPOINT = ""  # "": the best model of the training run, TRAIN_DIR/model.keras
 INFERENCE_BATCH_SIZE = 64
-INFERENCE_PRECISION = "auto"  # "auto": bfloat16 where the CPU has it (AMX / AVX512_BF16)
+# "auto": bfloat16 where it is faster: with TensorFlow where the CPU has AMX, with OpenVINO
+# where it has AVX512_BF16 or AMX (brainseg/runtime.py); float32 elsewhere.
+INFERENCE_PRECISION = "auto"  # "auto" | "float32" | "mixed_bfloat16"
+# What predicts: "openvino" (Intel's CPU inference runtime; the checkpoint is converted once
+# and cached beside it, in <checkpoint>.openvino/), "tensorflow" (Keras), or "auto": OpenVINO
+# when the openvino package is installed, TensorFlow otherwise.
+INFERENCE_RUNTIME = "auto"  # "auto" | "openvino" | "tensorflow"
 NUM_FIGURES = 0  # PNG montages of at most this many scored cases; 0: every scored case
 # Average each slice's prediction with that of its left-right mirror image (2x the time).
 # Measured on the realistic benchmark (seed 1): WT +0.002, TC -0.009, ET +0.001: no gain.
