@@ -12,7 +12,7 @@ DEMO_TRAIN := runs/demo/train
 DEMO_INFERENCE := runs/demo/inference
 DEMO_EPOCHS := 4  # settings.EPOCHS is 12: the demo trains a third of the recipe to stay quick
 
-.PHONY: setup demo test clean bench-training bench-precision test-multihost bench-multihost
+.PHONY: setup demo test clean bench-training bench-precision test-multihost bench-multihost bench-allreduce
 
 setup:
 	./scripts/setup.sh
@@ -41,6 +41,10 @@ test-multihost: setup
 
 bench-multihost: setup
 	$(PYTHON) -m bench.multihost --json runs/bench_multihost.json
+
+# The gradient allreduce on rate-limited links (root), and the scaling predicted from it.
+bench-allreduce: setup
+	$(PYTHON) -m bench.allreduce --json runs/bench_allreduce.json
 
 clean:
 	rm -rf data/demo runs/demo

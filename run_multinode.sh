@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Launches train_horovod.py on every host in hosts.txt with mpirun (one Horovod worker per
-# slot), binding each worker to its own cores and exporting the environment it needs.
+# Launches train_horovod.py with mpirun on every host in hosts.txt, or inside a Slurm job on
+# the job's nodes: one Horovod worker per slot (task), each bound to its own cores.
 #
 #   ./run_multinode.sh [--hosts FILE] [--agent CMD] [--network NET] [--sync-data]
 #                      [--host-timeout SECONDS] [--no-preflight | --preflight-only]
@@ -123,10 +123,22 @@ done
 launch_settings="$(cd "$repo_dir" && "$python_bin" -m brainseg.launch_settings -- "$@")" ||
     die "cannot read settings.py or the training flags (see the error above)"
 eval "$launch_settings"
-[ -n "$hosts_file" ] || hosts_file="$setting_hosts_file"
-[ -f "$hosts_file" ] || die "$hosts_file: hosts file not found"
+# Inside a Slurm allocation (sbatch, salloc) the job's nodes and tasks are the hosts and
+# slots, unless --hosts names a file; the checks reach the nodes with srun, not ssh, and
+# mpirun starts its daemons with srun itself (Open MPI's Slurm support).
+if [ -z "$hosts_file" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    hosts_source="the Slurm allocation of job $SLURM_JOB_ID"
+    hosts_text="$(cd "$repo_dir" && "$python_bin" -m brainseg.slurm)" ||
+        die "cannot read the hosts of Slurm job $SLURM_JOB_ID (see the error above)"
+    [ -n "$agent" ] || agent="$repo_dir/scripts/srun_agent.sh"
+else
+    [ -n "$hosts_file" ] || hosts_file="$setting_hosts_file"
+    [ -f "$hosts_file" ] || die "$hosts_file: hosts file not found"
+    hosts_source="$hosts_file"
+    hosts_text="$(cat "$hosts_file")"
+fi
 
-# Parse hosts.txt into mpirun's --host list: "name:slots,name:slots".
+# Parse the hosts ("name slots=N" lines) into mpirun's --host list: "name:slots,name:slots".
 host_list=""
 hosts=()
 total_slots=0
@@ -138,20 +150,20 @@ while IFS= read -r line || [ -n "$line" ]; do
     read -r host slots_field extra <<<"$line" || true
     [ -n "${host:-}" ] || continue
     [[ "$host" =~ ^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$ ]] ||
-        die "$hosts_file:$line_number: '$host' is not a valid host name or address"
+        die "$hosts_source:$line_number: '$host' is not a valid host name or address"
     slots=1
     if [ -n "${slots_field:-}" ]; then
         [[ "$slots_field" =~ ^slots=([1-9][0-9]*)$ ]] ||
-            die "$hosts_file:$line_number: expected 'slots=N' after the host, got '$slots_field'"
+            die "$hosts_source:$line_number: expected 'slots=N' after the host, got '$slots_field'"
         slots="${BASH_REMATCH[1]}"
     fi
-    [ -z "${extra:-}" ] || die "$hosts_file:$line_number: unexpected '$extra'"
+    [ -z "${extra:-}" ] || die "$hosts_source:$line_number: unexpected '$extra'"
     [ "$first_host_slots" -gt 0 ] || first_host_slots="$slots"
     host_list="${host_list:+$host_list,}$host:$slots"
     hosts+=("$host")
     total_slots=$((total_slots + slots))
-done <"$hosts_file"
-[ "$total_slots" -gt 0 ] || die "$hosts_file: no hosts listed"
+done <<<"$hosts_text"
+[ "$total_slots" -gt 0 ] || die "$hosts_source: no hosts listed"
 
 # Each worker gets its own cores (assumes the hosts are alike: sized from this one).
 cores_per_worker=$(( $(nproc) / first_host_slots ))

@@ -35,6 +35,23 @@ install_os_packages() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# What only the tests need: a real Slurm cluster of namespace hosts (tests/test_slurm.py).
+# Installed when running as root; without them those tests are skipped, and training does
+# not need them.
+install_test_os_packages() {
+    local missing=()
+    command -v slurmd >/dev/null || missing+=(slurm-wlm)
+    command -v munged >/dev/null || missing+=(munge)
+    [ ${#missing[@]} -eq 0 ] && return
+    if [ "$(id -u)" -ne 0 ]; then
+        log "the Slurm tests will be skipped: they need ${missing[*]} (apt-get install as root)"
+        return
+    fi
+    log "installing OS packages for the tests: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
 create_venv() {
     [ -x "$venv_dir/bin/python" ] && return
     log "creating virtual environment $venv_dir"
@@ -90,6 +107,7 @@ install_python_packages() {
 }
 
 install_os_packages
+install_test_os_packages
 create_venv
 install_python_packages
 log "ready: $venv_dir"
