@@ -232,7 +232,7 @@ def read_labels(case, grid):
     labels, label_grid = read_volume(case.label)
     check_same_grid(case.label, label_grid, case.images[MODALITIES[0]], grid)
     label_map = LAYOUTS[case.layout].label_map
-    values = np.unique(labels)
+    values = distinct_values(labels)
     fractional = values[values != np.round(values)].tolist()
     if fractional:
         raise CaseError(f"{case.label}: not a label map: non-integer values "
@@ -242,6 +242,14 @@ def read_labels(case, grid):
         raise CaseError(f"{case.label}: label values {_few(unknown)} outside the "
                         f"{case.layout} set {sorted(label_map)}")
     return to_internal_labels(labels, case.layout)
+
+
+def distinct_values(volume):
+    """np.unique(volume), sorting only the non-zero voxels: a label map is mostly 0, and
+    sorting all of its 8.9 million voxels took longer than reading the file."""
+    nonzero = volume != 0
+    values = np.unique(volume[nonzero])
+    return values if nonzero.all() else np.union1d(values, np.zeros(1, volume.dtype))
 
 
 def _few(values, limit=5):

@@ -26,6 +26,11 @@ import os
 import nibabel as nib
 import numpy as np
 
+try:  # ISA-L's gzip decoder: a BraTS .nii.gz decodes twice as fast as with zlib
+    from isal import igzip
+except ImportError:  # then nibabel decodes them with Python's gzip (zlib)
+    igzip = None
+
 # The most values (voxels x channels) a file may declare: 2^28, 268 million. A BraTS scan has
 # 8.9 million voxels (240 x 240 x 155 at 1 mm), a 0.5 mm whole-head scan about 100 million
 # (512 x 512 x 400). As float32, 2^28 values are 1 GiB, and a case of four such files already
@@ -141,12 +146,28 @@ def read(path, ndim=3):
     except ValueError as error:
         raise NiftiError(f"{path}: {error}") from error
     try:
-        volume = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
+        volume = _voxels(path, image).reshape(shape)
     except Exception as error:
         raise _unreadable(path, error) from error
     if not np.isfinite(volume).all():
         raise NiftiError(f"{path}: contains NaN or infinite voxels")
     return nib.orientations.apply_orientation(volume, transform), _grid(image, transform)
+
+
+def _voxels(path, image):
+    """The voxels of a loaded image as float32, scaled as its header says. A .nii.gz is
+    decompressed with igzip when it is installed, and only the bytes the header declares
+    (a gzip bomb behind a small header stays in the file); nibabel then reads them from
+    memory, with its own scaling, so the values are those it reads from the file itself."""
+    if igzip is None or not path.endswith(".gz") or not hasattr(image, "from_bytes"):
+        return np.asarray(image.dataobj, dtype=np.float32)
+    declared = image.dataobj.offset + math.prod(image.shape) * image.get_data_dtype().itemsize
+    with igzip.open(path, "rb") as file:
+        data = file.read(declared)
+    if len(data) < declared:
+        raise EOFError(f"the file ends {declared - len(data):,} bytes before the end of the "
+                       f"data its header declares")
+    return np.asarray(type(image).from_bytes(data).dataobj, dtype=np.float32)
 
 
 def from_canonical(volume, image):

@@ -1,5 +1,6 @@
 """Benchmark pieces that need no run: the FLOP count behind bench/training.py's GFLOP/s
-figures, and bench/allreduce.py's fit of the ring-allreduce cost model."""
+figures, bench/allreduce.py's fit of the ring-allreduce cost model, and how
+bench/converter.py forms its ratios."""
 import model as unet
 from bench.training import forward_flops_per_slice
 
@@ -22,3 +23,22 @@ def test_ring_model_fit_recovers_latency_and_bandwidth():
               for n in (2, 3) for size in (4, 500_000, 2_000_000, 7_800_000)]
     fitted_alpha, fitted_beta = fit_ring_model(points)
     assert abs(fitted_alpha - alpha) < 1e-9 and abs(fitted_beta / beta - 1) < 1e-9
+
+
+def test_converter_ratios_are_medians_of_ratios_within_a_round():
+    """Each ratio pairs runs of one round (a busy machine slows them alike), then takes the
+    median over rounds: here 3.0, 2.0 and 4.0 for the seed approach against 2 workers."""
+    import argparse
+
+    from bench.converter import SEED, streaming, summarize
+    seconds = {SEED: [30, 20, 40], streaming(1): [15, 15, 15], streaming(2): [10, 10, 10]}
+    rows = [{"run": run, "cases": cases, "round": r + 1, "seconds": times[r] * cases / 8,
+             "peak_rss_mib": 100.0 * (cases / 2 if run == SEED else 1.0 + cases / 800)}
+            for run, times in seconds.items() for cases in (2, 8) for r in range(3)]
+    args = argparse.Namespace(small=2, large=8, workers=2, skip_seed_style=False)
+    summary = summarize(rows, args)
+    assert summary["speedup_vs_seed_style"] == 3.0
+    assert summary["speedup_vs_seed_style_serial"] == 2.0
+    assert summary["parallel_speedup"] == 1.5
+    assert summary["memory_ratio_2_workers"] == round(1.01 / 1.0025, 3)
+    assert summary["seed_style_memory_ratio"] == 4.0

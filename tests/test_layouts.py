@@ -8,9 +8,9 @@ import tracemalloc
 import nibabel as nib
 import numpy as np
 import pytest
-
-from brainseg import layouts, synthetic
 from conftest import SMALL_SHAPE
+
+from brainseg import layouts, nifti, synthetic
 
 # Orientations a case may be stored in, as nibabel axis codes: the BraTS one (the synthetic
 # cases), its mirror image RAS, and one whose axis 2 runs front to back (coronal slices).
@@ -107,3 +107,58 @@ def test_an_absurd_header_is_refused_before_anything_is_allocated(case_folder, t
         tracemalloc.stop()
     assert str(error.value).startswith(f"{flair}: the header declares")
     assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated for a refused file"
+
+
+def test_igzip_reads_the_values_nibabel_reads_with_zlib(case_folder, tmp_path, monkeypatch):
+    """Every file of a case, and one with float voxels and a scale factor in its header,
+    read with igzip and with nibabel's own gzip (the fallback without isal)."""
+    assert nifti.igzip is not None, "isal is pinned in requirements.txt"
+    scaled = tmp_path / "scaled.nii.gz"
+    image = nib.Nifti1Image(np.arange(np.prod(SMALL_SHAPE), dtype=np.float32)
+                            .reshape(SMALL_SHAPE) / 7, np.eye(4))
+    image.header.set_slope_inter(0.5, 3.0)
+    nib.save(image, str(scaled))
+    paths = sorted(case_folder.iterdir()) + [scaled]
+    with_igzip = [nifti.read(str(path)) for path in paths]
+    monkeypatch.setattr(nifti, "igzip", None)
+    for path, (volume, grid) in zip(paths, with_igzip):
+        expected, expected_grid = nifti.read(str(path))
+        assert volume.dtype == expected.dtype == np.float32
+        np.testing.assert_array_equal(volume, expected)
+        np.testing.assert_array_equal(grid.affine, expected_grid.affine)
+
+
+def test_only_the_declared_bytes_are_decompressed(case_folder, tmp_path):
+    """64 MiB of zeros after a file's data (a few kB of gzip): igzip stops at the data the
+    header declares, so reading allocates nothing like 64 MiB."""
+    flair = next(path for path in case_folder.iterdir() if "_flair." in path.name)
+    padded = tmp_path / "padded_flair.nii.gz"
+    padded.write_bytes(gzip.compress(gzip.decompress(flair.read_bytes()) + bytes(64 * 2**20),
+                                     compresslevel=1))
+    tracemalloc.start()
+    try:
+        volume, _ = nifti.read(str(padded))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(volume, nifti.read(str(flair))[0])
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated"
+
+
+def test_a_truncated_gzip_is_unreadable_with_either_decoder(case_folder, tmp_path, monkeypatch):
+    flair = next(path for path in case_folder.iterdir() if "_flair." in path.name)
+    cut = tmp_path / "cut_flair.nii.gz"
+    cut.write_bytes(gzip.compress(gzip.decompress(flair.read_bytes())[:-1000]))
+    for decoder in (nifti.igzip, None):
+        monkeypatch.setattr(nifti, "igzip", decoder)
+        with pytest.raises(nifti.NiftiError, match="unreadable NIfTI"):
+            nifti.read(str(cut))
+
+
+def test_distinct_values_are_those_of_np_unique():
+    for volume in (np.array([[3.0, 0.0], [2.0, 3.0]], np.float32), np.array([1.0, 4.0]),
+                   np.zeros((2, 2), np.float32), np.array([-0.0, 2.5], np.float32)):
+        expected = np.unique(volume)
+        actual = layouts.distinct_values(volume)
+        assert actual.dtype == expected.dtype
+        np.testing.assert_array_equal(actual, expected)

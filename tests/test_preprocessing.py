@@ -93,3 +93,67 @@ def test_regions_become_the_release_labels(layout, expected):
     back = layouts.LAYOUTS[layout].label_map  # release -> internal: the round trip is exact
     np.testing.assert_array_equal(np.vectorize(back.get)(labels), internal)
     np.testing.assert_array_equal(layouts.to_internal_labels(labels, layout), internal)
+
+
+# --- The cropped normalization against the whole-volume reference ----------------------------
+
+def case_image(seed, shape=(96, 96, 40)):
+    case = synthetic.make_case(seed, shape=shape)
+    image = np.stack([case[m] for m in layouts.MODALITIES], axis=-1).astype(np.float32)
+    return image, case["seg"]
+
+
+@pytest.mark.parametrize("options", [
+    preprocessing.Preprocessing(64, 80),
+    preprocessing.Preprocessing(64, 80, "brain_box", "all", "whole_tumor", "float32"),
+    preprocessing.Preprocessing(48, 96, "brain_box", "brain", "regions", "float16"),
+])
+def test_preprocess_case_writes_the_bytes_of_the_whole_volume_reference(options):
+    """Normalizing only the voxels that become slices changes no byte: compared with the
+    whole-volume code the converter ran before (bench/whole_volume.py), on a case, on the
+    same case with a brainless slice inside the brain (kept slices not consecutive) and
+    without labels."""
+    from bench import whole_volume
+    image, labels = case_image(5)
+    gap = image.copy()
+    gap[:, :, 20] = 0
+    for volume, label_map in ((image, labels), (gap, labels), (image, None)):
+        expected = whole_volume.preprocess_case(volume, label_map, options)
+        actual = preprocessing.preprocess_case(volume, label_map, options)
+        assert actual[2] == expected[2]
+        for array, reference in zip(actual[:2], expected[:2]):
+            if reference is None:
+                assert array is None
+                continue
+            assert array.dtype == reference.dtype and array.shape == reference.shape
+            assert array.tobytes() == reference.tobytes()
+
+
+def test_normalize_matches_the_whole_volume_reference_bit_for_bit():
+    from bench import whole_volume
+    image, _ = case_image(8)
+    image[:, :, :, 1] *= 1e3  # a channel of another scale
+    np.testing.assert_array_equal(preprocessing.normalize(image).view(np.uint32),
+                                  whole_volume.normalize(image).view(np.uint32))
+
+
+def test_brain_mask_and_its_bounding_box():
+    image = np.zeros((6, 7, 8, 3), np.float32)
+    image[1, 2, 3, 2] = -1.0
+    image[4, 5, 6, 0] = 2.0
+    brain = preprocessing.brain_mask(image)
+    np.testing.assert_array_equal(brain, image.any(axis=-1))
+    assert preprocessing.bounding_box(brain) == (slice(1, 5), slice(2, 6), slice(3, 7))
+    assert preprocessing.bounding_box(np.zeros((2, 2), bool)) == (slice(0, 0), slice(0, 0))
+
+
+@pytest.mark.parametrize("size_in,size_out", [(192, 128), (80, 64), (48, 96), (37, 16)])
+def test_nearest_resampling_copies_the_pixels_the_matrix_product_picks(size_in, size_out):
+    """Masks are resampled by copying pixels: the values of the order-0 matrix product,
+    whose rows each hold one weight of 1."""
+    volume = np.random.default_rng(1).integers(0, 2, (size_in, size_in, 3, 2), np.uint8)
+    matrix = preprocessing._resampling_matrix(size_in, size_out, order=0)
+    expected = np.einsum("ix,xyzc,jy->zijc", matrix, volume.astype(np.float32), matrix)
+    actual = preprocessing.resample(volume, size_out, order=0)
+    assert actual.dtype == np.uint8
+    np.testing.assert_array_equal(actual, expected)
