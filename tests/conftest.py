@@ -6,6 +6,8 @@ the full-size demo runs.
 import os
 import re
 import shutil
+import subprocess
+import time
 
 import pytest
 
@@ -67,7 +69,6 @@ def converted_dir(raw_dir, tmp_path_factory):
 
 def run(command, timeout):
     """Runs a command from the repository root; returns the CompletedProcess."""
-    import subprocess
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(command, cwd=REPO_DIR, capture_output=True, text=True,
                           timeout=timeout, env=environment)
@@ -92,3 +93,30 @@ def trained_run(converted_dir, tmp_path_factory):
                   "--epochs", "4", "--learning-rate", "3e-3", *TINY_MODEL], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return output_dir, result.stdout
+
+
+# --- Launches across namespace hosts (test_multihost.py, test_engines.py) ------------------
+
+LAUNCH_TIMEOUT = 240  # seconds for a tiny multi-host training, start to end, under load
+
+
+def finish(process, log_path, timeout=LAUNCH_TIMEOUT):
+    """(exit status, output) of a launch writing to log_path; fails the test, with the
+    output, if it has not ended within `timeout` (a distributed job must never hang a test)."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"the launch did not finish within {timeout} s:\n{log_path.read_text()}")
+    return process.returncode, log_path.read_text()
+
+
+def assert_nothing_left_running(cluster, within=15):
+    """No process is left on any host of `cluster` (its all_pids()) after `within` s."""
+    deadline = time.monotonic() + within
+    while any(cluster.all_pids().values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    leftovers = {namespace: [open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:120]
+                             for pid in pids if os.path.exists(f"/proc/{pid}")]
+                 for namespace, pids in cluster.all_pids().items() if pids}
+    assert not leftovers, f"processes left behind: {leftovers}"

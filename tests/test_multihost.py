@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from brainseg import checkpoints, netns
-from conftest import REPO_DIR, weights_fingerprints
+from conftest import (LAUNCH_TIMEOUT, REPO_DIR, assert_nothing_left_running, finish,
+                      weights_fingerprints)
 
 pytestmark = pytest.mark.multihost
 
@@ -30,7 +31,6 @@ TINY_MODEL = ["--base-filters", "4", "--depth", "2", "--batch-size", "4"]
 HOST_TIMEOUT = 10
 KILLED_RANK_BOUND = 30
 CUT_OFF_HOST_BOUND = HOST_TIMEOUT + 20
-LAUNCH_TIMEOUT = 240
 
 
 @pytest.fixture
@@ -67,25 +67,6 @@ def launch(cluster, tmp_path, num_hosts, train_flags, launcher_flags=(), private
         process = subprocess.Popen(cluster.command_on(0, shlex.join(command)), cwd=REPO_DIR,
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
     return process, log_path
-
-
-def finish(process, log_path, timeout=LAUNCH_TIMEOUT):
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail(f"the launch did not finish within {timeout} s:\n{log_path.read_text()}")
-    return process.returncode, log_path.read_text()
-
-
-def assert_nothing_left_running(cluster, within=15):
-    deadline = time.monotonic() + within
-    while any(cluster.all_pids().values()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    leftovers = {namespace: [open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:120]
-                             for pid in pids if os.path.exists(f"/proc/{pid}")]
-                 for namespace, pids in cluster.all_pids().items() if pids}
-    assert not leftovers, f"processes left behind: {leftovers}"
 
 
 def wait_for_epochs(output_dir, epochs, process, log_path, timeout=LAUNCH_TIMEOUT):
