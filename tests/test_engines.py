@@ -104,11 +104,15 @@ def test_mpirun_over_ssh_trains_on_two_hosts(ssh_hosts, converted_dir, tmp_path)
     assert_no_secret_on_ssh_command_lines(ssh_hosts)
 
 
-def test_horovodrun_gloo_over_ssh_trains_on_two_hosts(ssh_hosts, converted_dir, tmp_path):
+@pytest.mark.parametrize("network_flags", [[], ["--network", "eth0"]],
+                         ids=["interface-found-by-horovodrun", "network-eth0"])
+def test_horovodrun_gloo_over_ssh_trains_on_two_hosts(ssh_hosts, converted_dir, tmp_path,
+                                                      network_flags):
     """--gloo: horovodrun reaches host 2 with ssh and writes the ranks' environment on the
-    ssh command line; only the variables run_multinode.sh forwards get there."""
+    ssh command line; only the variables run_multinode.sh forwards get there. Without
+    --network, horovodrun first finds the hosts' common interface with a probe on each."""
     output_dir = tmp_path / "run"
-    returncode, output = launch(ssh_hosts, tmp_path, ["--gloo", "--network", "eth0"],
+    returncode, output = launch(ssh_hosts, tmp_path, ["--gloo", *network_flags],
                                 ["--data-dir", str(converted_dir), "--output-dir",
                                  str(output_dir), *TINY_RUN])
     assert returncode == 0, output
@@ -121,3 +125,25 @@ def test_horovodrun_gloo_over_ssh_trains_on_two_hosts(ssh_hosts, converted_dir, 
     names = exported_names(rank_launches[0])
     assert {name for name in names if not name.startswith("HOROVOD_")} <= README_EXPORTED, names
     assert "HOROVOD_GLOO_RENDEZVOUS_ADDR" in names and "PYTHONPATH" in names
+
+
+@pytest.mark.parametrize("launcher_flags", [[], ["--gloo", "--network", "eth0"]],
+                         ids=["mpirun", "gloo"])
+def test_a_host_whose_key_is_not_known_is_refused_before_launching(ssh_hosts, converted_dir,
+                                                                   tmp_path, launcher_flags):
+    """Host keys are checked, never accepted on first use: with host 2's key missing from
+    known_hosts, the checks before launching name the host and nothing starts (horovodrun
+    itself would connect anyway: it passes StrictHostKeyChecking=no)."""
+    known_hosts = os.path.join(ssh_hosts.home_ssh, "known_hosts")
+    with open(known_hosts) as file:
+        lines = file.readlines()
+    with open(known_hosts, "w") as file:
+        file.writelines(line for line in lines if f"[{ssh_hosts.hosts[1]}]" not in line)
+    returncode, output = launch(ssh_hosts, tmp_path, launcher_flags,
+                                ["--data-dir", str(converted_dir), "--output-dir",
+                                 str(tmp_path / "run"), *TINY_RUN])
+    assert returncode == 2, output
+    assert f"preflight: {ssh_hosts.hosts[1]}: does not answer via 'ssh'" in output, output
+    assert "Host key verification failed" in output, output
+    assert "Launching" not in output and not (tmp_path / "run").exists()
+    assert_nothing_left_running(ssh_hosts)
