@@ -14,9 +14,10 @@ namespace (ssh reads ~/.ssh from the password database, not $HOME, so nothing el
 stand in for it); the real ~/.ssh is never read or written (an empty one is made as the
 mount point when there is none). Each host's name resolves to its address, as a cluster's
 DNS or /etc/hosts makes it (Horovod's Gloo needs it, see README "Without MPI"): the hosts
-see /etc/hosts with a line per host added, bind-mounted the same way. Every command a host's sshd is asked to run is recorded
-(ForceCommand) in a file of its own, so tests can check what crossed the network, such as
-the environment horovodrun puts on the ssh command line. Needs root, iproute2, util-linux
+see /etc/hosts with a line per host added, bind-mounted the same way. Every command a
+host's sshd is asked to run is recorded (ForceCommand) in a file of its own, so tests can
+check what crossed the network, such as the environment horovodrun puts on the ssh
+command line. Needs root, iproute2, util-linux
 and openssh-server (scripts/setup.sh installs it).
 """
 import contextlib
@@ -79,6 +80,7 @@ class SshCluster:
         self.home_ssh = os.path.join(self.root, "home_ssh")
         self.etc_hosts = os.path.join(self.root, "etc_hosts")
         self.commands_dir = os.path.join(self.root, "commands")
+        self.recorder = os.path.join(self.root, "record_command.sh")
         self.servers = []
 
     # --- set-up ---------------------------------------------------------------------------
@@ -88,6 +90,7 @@ class SshCluster:
         os.makedirs(self.commands_dir)
         self._write_client_files(self._write_host_keys())
         self._write_etc_hosts()
+        self._write(self.recorder, RECORDER, mode=0o755)
         os.makedirs(home_ssh_dir(), mode=0o700, exist_ok=True)  # the bind mount's target
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation
         for index in range(len(self.hosts)):
@@ -130,9 +133,6 @@ class SshCluster:
 
     def _write_server_config(self, index):
         host_dir = self.host_dir(index)
-        recorder = os.path.join(self.root, "record_command.sh")
-        if not os.path.exists(recorder):
-            self._write(recorder, RECORDER, mode=0o755)
         config = os.path.join(host_dir, "sshd_config")
         self._write(config, "\n".join([
             f"ListenAddress {self.hosts[index]}:{SSH_PORT}",
@@ -147,7 +147,7 @@ class SshCluster:
             "UsePAM no",
             "PrintMotd no",
             "LogLevel VERBOSE",
-            f"ForceCommand {recorder} {self.commands_dir}",
+            f"ForceCommand {self.recorder} {self.commands_dir}",
             ""]))
         return config
 
@@ -208,6 +208,11 @@ class SshCluster:
 
     def write_hosts_file(self, path, num_hosts=None, slots=1):
         return self.cluster.write_hosts_file(path, num_hosts, slots)
+
+    def pids(self, index):
+        """Processes on host `index`, its sshd left out (it runs for the whole test)."""
+        servers = {server.pid for server in self.servers}
+        return [pid for pid in self.cluster.pids(index) if pid not in servers]
 
     def all_pids(self, include_servers=False):
         """{namespace: pids} of the processes on each host, sshd itself left out unless

@@ -3,6 +3,7 @@
 Small volumes (48x48x24) and 32x32 slices keep the suite fast; the code paths are the ones
 the full-size demo runs.
 """
+import json
 import os
 import re
 import shutil
@@ -120,3 +121,36 @@ def assert_nothing_left_running(cluster, within=15):
                              for pid in pids if os.path.exists(f"/proc/{pid}")]
                  for namespace, pids in cluster.all_pids().items() if pids}
     assert not leftovers, f"processes left behind: {leftovers}"
+
+
+def wait_for_epochs(output_dir, epochs, process, log_path, timeout=LAUNCH_TIMEOUT):
+    """Waits until the training state records `epochs` finished epochs."""
+    record = os.path.join(output_dir, "training_state.json")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"training ended early:\n{log_path.read_text()}"
+        if os.path.exists(record):
+            with open(record) as file:
+                if json.load(file)["epoch"] >= epochs:
+                    return
+        time.sleep(0.1)
+    pytest.fail(f"no checkpoint of epoch {epochs} within {timeout} s")
+
+
+def rank_pid(cluster, host_index, rank):
+    """The pid of the training process of `rank` on host `host_index`: its rank is in its
+    environment, from mpirun (OMPI_COMM_WORLD_RANK) or horovodrun (HOROVOD_RANK)."""
+    wanted = {f"OMPI_COMM_WORLD_RANK={rank}".encode(), f"HOROVOD_RANK={rank}".encode()}
+    for pid in cluster.pids(host_index):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as file:
+                environment = set(file.read().split(b"\0"))
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                argv = file.read().split(b"\0")
+        except FileNotFoundError:
+            continue
+        # The Python process itself, not a shell whose command line names the script.
+        if b"python" in os.path.basename(argv[0]) and b"train_horovod.py" in b" ".join(argv) \
+                and wanted & environment:
+            return pid
+    pytest.fail(f"no rank {rank} on host {cluster.hosts[host_index]}")

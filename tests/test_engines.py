@@ -11,19 +11,26 @@ import os
 import re
 import secrets
 import shlex
+import signal
 import subprocess
+import time
 
 import pytest
 
 from brainseg import netns_ssh
-from conftest import REPO_DIR, assert_nothing_left_running, finish, weights_fingerprints
+from brainseg import checkpoints
+from conftest import (REPO_DIR, assert_nothing_left_running, finish, rank_pid,
+                      wait_for_epochs, weights_fingerprints)
 
 pytestmark = [pytest.mark.multihost, pytest.mark.engines]
 
 LAUNCHER = os.path.join(REPO_DIR, "run_multinode.sh")
-TINY_RUN = ["--epochs", "2", "--steps-per-epoch", "3", "--base-filters", "4", "--depth", "2",
-            "--batch-size", "4"]
+TINY_MODEL = ["--base-filters", "4", "--depth", "2", "--batch-size", "4"]
+TINY_RUN = ["--epochs", "2", "--steps-per-epoch", "3", *TINY_MODEL]
 HOST_TIMEOUT = 10
+# A killed rank must stop a --gloo job this fast (measured: about 1 s), and the other host's
+# rank must be gone soon after (measured: about 4 s when rank 0 was killed).
+KILLED_RANK_BOUND = 30
 # Variables a user may well have exported on the launching node, each with a value that
 # must appear in no ssh command line.
 SECRETS = {name: secrets.token_hex(12) for name in
@@ -53,8 +60,8 @@ def ssh_hosts():
         cluster.destroy()
 
 
-def launch(cluster, tmp_path, launcher_flags, train_flags):
-    """run_multinode.sh on host 1 over ssh, with the secrets exported; (status, output)."""
+def start(cluster, tmp_path, launcher_flags, train_flags):
+    """Starts run_multinode.sh on host 1, with the secrets exported; (process, log path)."""
     hosts_file = cluster.write_hosts_file(tmp_path / "hosts.txt")
     command = [LAUNCHER, "--hosts", hosts_file, "--host-timeout", str(HOST_TIMEOUT),
                *launcher_flags, "--", *train_flags]
@@ -64,7 +71,12 @@ def launch(cluster, tmp_path, launcher_flags, train_flags):
         process = subprocess.Popen(cluster.on_host(0, command), cwd=REPO_DIR, env=env,
                                    stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
-    return finish(process, log_path)
+    return process, log_path
+
+
+def launch(cluster, tmp_path, launcher_flags, train_flags):
+    """run_multinode.sh on host 1 over ssh, to its end; (exit status, output)."""
+    return finish(*start(cluster, tmp_path, launcher_flags, train_flags))
 
 
 def assert_trained_on_both_hosts(cluster, output, output_dir):
@@ -147,3 +159,29 @@ def test_a_host_whose_key_is_not_known_is_refused_before_launching(ssh_hosts, co
     assert "Host key verification failed" in output, output
     assert "Launching" not in output and not (tmp_path / "run").exists()
     assert_nothing_left_running(ssh_hosts)
+
+
+@pytest.mark.parametrize("killed_rank", [0, 1])
+def test_gloo_job_stops_when_a_rank_is_killed(ssh_hosts, converted_dir, tmp_path,
+                                              killed_rank):
+    """Under horovodrun a rank runs behind an ssh client (rank 1) or on the launching host
+    (rank 0). Either killed mid-training, the job must exit non-zero within a bound naming
+    the rank, and the surviving rank must end too, on its host, whichever it is: horovodrun
+    only kills its local ssh client, so rank 1 has to notice on its own."""
+    output_dir = tmp_path / "run"
+    flags = ["--data-dir", str(converted_dir), "--output-dir", str(output_dir),
+             "--epochs", "6", "--steps-per-epoch", "10", "--early-stopping-patience", "0",
+             *TINY_MODEL]
+    process, log_path = start(ssh_hosts, tmp_path, ["--gloo", "--network", "eth0"], flags)
+    wait_for_epochs(output_dir, 1, process, log_path)
+
+    os.kill(rank_pid(ssh_hosts, killed_rank, killed_rank), signal.SIGKILL)
+    killed_at = time.monotonic()
+    returncode, output = finish(process, log_path, timeout=KILLED_RANK_BOUND + 30)
+    took = time.monotonic() - killed_at
+    assert returncode != 0 and took < KILLED_RANK_BOUND, (took, output)
+    assert f"Process name: {killed_rank}" in output, output
+    assert "Rerun the same command to resume" in output
+    assert_nothing_left_running(ssh_hosts, within=KILLED_RANK_BOUND)
+    state = checkpoints.load_state(str(output_dir))
+    assert state and 1 <= state.progress.epoch < 6

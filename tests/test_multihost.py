@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from brainseg import checkpoints, netns
-from conftest import (LAUNCH_TIMEOUT, REPO_DIR, assert_nothing_left_running, finish,
-                      weights_fingerprints)
+from conftest import (REPO_DIR, assert_nothing_left_running, finish, rank_pid,
+                      wait_for_epochs, weights_fingerprints)
 
 pytestmark = pytest.mark.multihost
 
@@ -69,20 +69,6 @@ def launch(cluster, tmp_path, num_hosts, train_flags, launcher_flags=(), private
     return process, log_path
 
 
-def wait_for_epochs(output_dir, epochs, process, log_path, timeout=LAUNCH_TIMEOUT):
-    """Waits until the training state records `epochs` finished epochs."""
-    record = os.path.join(output_dir, "training_state.json")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"training ended early:\n{log_path.read_text()}"
-        if os.path.exists(record):
-            with open(record) as file:
-                if json.load(file)["epoch"] >= epochs:
-                    return
-        time.sleep(0.1)
-    pytest.fail(f"no checkpoint of epoch {epochs} within {timeout} s")
-
-
 def assert_checkpoint_intact(output_dir):
     """The committed training state loads, and names a state file Keras can open."""
     state = checkpoints.load_state(str(output_dir))
@@ -127,20 +113,6 @@ def test_training_across_three_hosts_over_tcp(make_cluster, converted_dir, tmp_p
         # The checkpoint is written once: nothing on the other hosts' disks.
         assert not os.path.exists(f"{node_disk}@{cluster.namespaces[i]}/run")
     assert_nothing_left_running(cluster)
-
-
-def rank_pid(cluster, host_index, rank):
-    for pid in cluster.pids(host_index):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as file:
-                environment = file.read().split(b"\0")
-            with open(f"/proc/{pid}/cmdline", "rb") as file:
-                is_training = b"train_horovod.py" in file.read()
-        except FileNotFoundError:
-            continue
-        if is_training and f"OMPI_COMM_WORLD_RANK={rank}".encode() in environment:
-            return pid
-    pytest.fail(f"no rank {rank} on host {cluster.hosts[host_index]}")
 
 
 FAULT_RUN_EPOCHS = 6
