@@ -12,7 +12,8 @@ DEMO_TRAIN := runs/demo/train
 DEMO_INFERENCE := runs/demo/inference
 DEMO_EPOCHS := 4  # settings.EPOCHS is 12: the demo trains a third of the recipe to stay quick
 
-.PHONY: setup demo test clean bench-training bench-precision test-multihost bench-multihost bench-allreduce
+.PHONY: setup demo test clean bench-training bench-precision test-multihost test-engines \
+	bench-multihost bench-allreduce
 
 setup:
 	./scripts/setup.sh
@@ -38,6 +39,11 @@ bench-precision: setup
 # Only the tests across network-namespace hosts (root), and their throughput benchmark.
 test-multihost: setup
 	$(PYTHON) -m pytest -q -m multihost tests
+
+# Only the launches through real cluster engines: mpirun and horovodrun --gloo over OpenSSH
+# servers on namespace hosts (root; part of `make test` too).
+test-engines: setup
+	$(PYTHON) -m pytest -q -m engines tests
 
 bench-multihost: setup
 	$(PYTHON) -m bench.multihost --json runs/bench_multihost.json

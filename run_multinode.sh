@@ -197,23 +197,47 @@ mpirun_command() {
     if [ -n "$network" ]; then
         command+=(--mca oob_tcp_if_include "$network" --mca btl_tcp_if_include "$network")
     fi
-    for variable in PATH PYTHONPATH VIRTUAL_ENV LD_LIBRARY_PATH PYTHONUNBUFFERED OMP_NUM_THREADS \
-                    KMP_BLOCKTIME KMP_AFFINITY TF_CPP_MIN_LOG_LEVEL; do
-        [ -z "${!variable+set}" ] || command+=(-x "$variable")
-    done
+    for variable in $(forwarded_variables); do command+=(-x "$variable"); done
     [ "$(id -u)" -ne 0 ] || command+=(--allow-run-as-root)
 }
 
-# horovodrun with Gloo: no MPI needed. It reaches other hosts with ssh, forwards this
-# environment to every rank, takes interface names (not subnets), and does not bind.
+# The variables every rank gets from this host, by either launcher: those set of the list
+# below and the HOROVOD_* ones (Horovod's tuning), never one whose name suggests a secret.
+# horovodrun writes each one's value into the ssh command line, which every user of the
+# remote host can read (ps), so a secret must not be among them whatever its name's prefix.
+forwarded_variables() {
+    local variable
+    for variable in PATH PYTHONPATH VIRTUAL_ENV LD_LIBRARY_PATH PYTHONUNBUFFERED \
+                    OMP_NUM_THREADS KMP_BLOCKTIME KMP_AFFINITY TF_CPP_MIN_LOG_LEVEL \
+                    $(compgen -e | grep '^HOROVOD_' || true); do
+        [ -n "${!variable+set}" ] || continue
+        looks_secret "$variable" || echo "$variable"
+    done
+}
+
+looks_secret() {
+    [[ "${1^^}" =~ TOKEN|SECRET|KEY|PASSW|CREDENTIAL|AUTH ]]
+}
+
+# horovodrun with Gloo: no MPI needed. It reaches other hosts with ssh, takes interface
+# names (not subnets), and does not bind. It forwards its whole environment to every rank,
+# on the ssh command line (`env NAME=VALUE... python ...`), so it runs in an environment
+# emptied (env -i) down to the forwarded variables and what it and ssh need here (home,
+# user, ssh-agent socket). --disable-cache: the checks above have just reached every host;
+# horovodrun's cache (in ~/.horovod) would trust an hour-old ssh check instead of its own.
 horovodrun_command() {
     [ "$agent" = "ssh" ] ||
         die "--gloo: horovodrun reaches other hosts with ssh only, not '$agent'"
     [[ ! "$network" =~ / ]] ||
         die "--gloo: horovodrun takes interface names (e.g. eth0), not the subnet '$network'"
-    command=("$repo_dir/.venv/bin/horovodrun" --gloo -np "$total_slots" -H "$host_list"
-        --gloo-timeout-seconds "$host_timeout")
-    [ -x "${command[0]}" ] || command[0]=horovodrun
+    local horovodrun="$repo_dir/.venv/bin/horovodrun" variable
+    [ -x "$horovodrun" ] || horovodrun=horovodrun
+    command=(env -i)
+    for variable in $(forwarded_variables) HOME USER LOGNAME LANG SSH_AUTH_SOCK; do
+        [ -z "${!variable+set}" ] || command+=("$variable=${!variable}")
+    done
+    command+=("$horovodrun" --gloo -np "$total_slots" -H "$host_list"
+        --gloo-timeout-seconds "$host_timeout" --disable-cache)
     [ -z "$network" ] || command+=(--network-interfaces "$network")
 }
 

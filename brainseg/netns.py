@@ -35,16 +35,24 @@ def ip(*words, check=True):
     return subprocess.run(["ip", *words], check=check, capture_output=True, text=True)
 
 
+# Each kind of cluster has a name prefix and a range of subnets of its own, so that the
+# tests of one kind never meet the names or addresses of another's running at the same time:
+# {prefix: first of 50 second octets}. "u": tests/test_multihost.py and bench/multihost.py
+# (reached with scripts/netns_rsh.sh); "s": brainseg/netns_ssh.py (OpenSSH servers).
+CLUSTER_KINDS = {"u": 200, "s": 150}
+
+
 class NamespaceCluster:
     """`num_hosts` namespace hosts; names and the subnet derive from this process's id so
-    that concurrent test runs do not collide."""
+    that concurrent test runs do not collide, and from `kind` (CLUSTER_KINDS)."""
 
-    def __init__(self, num_hosts):
-        tag = f"u{os.getpid()}"  # at most 8 characters: interface names stay under 16
+    def __init__(self, num_hosts, kind="u"):
+        tag = f"{kind}{os.getpid()}"  # at most 8 characters: interface names stay under 16
         self.bridge = f"{tag}br"
         self.namespaces = [f"{tag}h{i + 1}" for i in range(num_hosts)]
         self.veths = [f"{tag}v{i + 1}" for i in range(num_hosts)]
-        self.subnet_prefix = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250 + 1}"
+        second_octet = CLUSTER_KINDS[kind] + os.getpid() % 50
+        self.subnet_prefix = f"10.{second_octet}.{os.getpid() % 250 + 1}"
         self.subnet = f"{self.subnet_prefix}.0/24"
         self.hosts = [f"{self.subnet_prefix}.{i + 1}" for i in range(num_hosts)]
 
@@ -128,9 +136,10 @@ def remove_stale_clusters():
     """Deletes clusters whose creating process is gone without tearing them down (a test
     run killed with SIGKILL cannot run its clean-up)."""
     names = ip("netns", "list", check=False).stdout.split()
-    links = re.findall(r"^\d+: (u\d+(?:br|v\d+))[@:]", ip("-o", "link").stdout, re.M)
+    kind = f"[{''.join(CLUSTER_KINDS)}]"
+    links = re.findall(rf"^\d+: ({kind}\d+(?:br|v\d+))[@:]", ip("-o", "link").stdout, re.M)
     for name in names + links:
-        match = re.fullmatch(r"u(\d+)(h\d+|br|v\d+)", name)
+        match = re.fullmatch(rf"{kind}(\d+)(h\d+|br|v\d+)", name)
         if match and not os.path.exists(f"/proc/{match.group(1)}"):
             tag_pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
                                       text=True).stdout.split() if name in names else []
@@ -142,9 +151,9 @@ def remove_stale_clusters():
 
 
 @contextlib.contextmanager
-def namespace_cluster(num_hosts):
+def namespace_cluster(num_hosts, kind="u"):
     """A NamespaceCluster that is torn down on exit, whatever happened inside."""
-    cluster = NamespaceCluster(num_hosts)
+    cluster = NamespaceCluster(num_hosts, kind)
     try:
         yield cluster.create()
     finally:

@@ -24,6 +24,9 @@ install_os_packages() {
     command -v g++ >/dev/null || missing+=(g++)
     command -v ip >/dev/null || missing+=(iproute2)
     command -v rsync >/dev/null || missing+=(rsync)  # run_multinode.sh --sync-data
+    command -v ssh >/dev/null || missing+=(openssh-client)  # the default launch agent
+    # sshd: the tests run a real OpenSSH server on each namespace host (tests/test_engines.py)
+    [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
     [ ${#missing[@]} -eq 0 ] && return
     if [ "$(id -u)" -ne 0 ]; then
         echo "[setup] missing OS packages: ${missing[*]}" >&2
@@ -32,7 +35,21 @@ install_os_packages() {
     fi
     log "installing OS packages: ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    without_starting_services \
+        env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# Runs a command (apt-get install) with Debian's switch against starting services in place:
+# openssh-server would otherwise start a system-wide sshd on port 22, which nothing here
+# uses (the tests start servers of their own). An existing policy-rc.d is left as it is.
+without_starting_services() {
+    local policy=/usr/sbin/policy-rc.d status=0
+    if [ -e "$policy" ]; then "$@"; return; fi
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    "$@" || status=$?
+    rm -f "$policy"
+    return "$status"
 }
 
 # What only the tests need: a real Slurm cluster of namespace hosts (tests/test_slurm.py).

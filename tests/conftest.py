@@ -3,9 +3,12 @@
 Small volumes (48x48x24) and 32x32 slices keep the suite fast; the code paths are the ones
 the full-size demo runs.
 """
+import json
 import os
 import re
 import shutil
+import subprocess
+import time
 
 import pytest
 
@@ -67,7 +70,6 @@ def converted_dir(raw_dir, tmp_path_factory):
 
 def run(command, timeout):
     """Runs a command from the repository root; returns the CompletedProcess."""
-    import subprocess
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(command, cwd=REPO_DIR, capture_output=True, text=True,
                           timeout=timeout, env=environment)
@@ -92,3 +94,63 @@ def trained_run(converted_dir, tmp_path_factory):
                   "--epochs", "4", "--learning-rate", "3e-3", *TINY_MODEL], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return output_dir, result.stdout
+
+
+# --- Launches across namespace hosts (test_multihost.py, test_engines.py) ------------------
+
+LAUNCH_TIMEOUT = 240  # seconds for a tiny multi-host training, start to end, under load
+
+
+def finish(process, log_path, timeout=LAUNCH_TIMEOUT):
+    """(exit status, output) of a launch writing to log_path; fails the test, with the
+    output, if it has not ended within `timeout` (a distributed job must never hang a test)."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"the launch did not finish within {timeout} s:\n{log_path.read_text()}")
+    return process.returncode, log_path.read_text()
+
+
+def assert_nothing_left_running(cluster, within=15):
+    """No process is left on any host of `cluster` (its all_pids()) after `within` s."""
+    deadline = time.monotonic() + within
+    while any(cluster.all_pids().values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    leftovers = {namespace: [open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:120]
+                             for pid in pids if os.path.exists(f"/proc/{pid}")]
+                 for namespace, pids in cluster.all_pids().items() if pids}
+    assert not leftovers, f"processes left behind: {leftovers}"
+
+
+def wait_for_epochs(output_dir, epochs, process, log_path, timeout=LAUNCH_TIMEOUT):
+    """Waits until the training state records `epochs` finished epochs."""
+    record = os.path.join(output_dir, "training_state.json")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"training ended early:\n{log_path.read_text()}"
+        if os.path.exists(record):
+            with open(record) as file:
+                if json.load(file)["epoch"] >= epochs:
+                    return
+        time.sleep(0.1)
+    pytest.fail(f"no checkpoint of epoch {epochs} within {timeout} s")
+
+
+def rank_pid(cluster, host_index, rank):
+    """The pid of the training process of `rank` on host `host_index`: its rank is in its
+    environment, from mpirun (OMPI_COMM_WORLD_RANK) or horovodrun (HOROVOD_RANK)."""
+    wanted = {f"OMPI_COMM_WORLD_RANK={rank}".encode(), f"HOROVOD_RANK={rank}".encode()}
+    for pid in cluster.pids(host_index):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as file:
+                environment = set(file.read().split(b"\0"))
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                argv = file.read().split(b"\0")
+        except FileNotFoundError:
+            continue
+        # The Python process itself, not a shell whose command line names the script.
+        if b"python" in os.path.basename(argv[0]) and b"train_horovod.py" in b" ".join(argv) \
+                and wanted & environment:
+            return pid
+    pytest.fail(f"no rank {rank} on host {cluster.hosts[host_index]}")

@@ -110,10 +110,19 @@ def test_gloo_builds_the_horovodrun_command(tmp_path):
     hosts.write_text("node-a slots=2\nnode-b slots=2\n")
     result = subprocess.run([LAUNCHER, "--hosts", str(hosts), "--gloo", "--network", "eth1",
                              "--dry-run", "--", "--epochs", "2"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, BRAINSEG_TEST_TOKEN="t", MY_PASSWORD="p",
+                                     HOROVOD_SECRET_KEY="k", HOROVOD_CYCLE_TIME="5"))
     assert result.returncode == 0, result.stderr
     command = shlex.split(result.stdout)
-    assert command[0].endswith("horovodrun") and "--gloo" in command
+    # horovodrun writes its environment into the ssh command line: it starts with only the
+    # forwarded variables (env -i), never a secret-looking one.
+    assert command[:2] == ["env", "-i"]
+    start = next(i for i, word in enumerate(command) if word.endswith("horovodrun"))
+    assert "--gloo" in command
+    names = {word.split("=", 1)[0] for word in command[2:start]}
+    assert {"PATH", "PYTHONPATH", "VIRTUAL_ENV", "HOROVOD_CYCLE_TIME"} <= names, names
+    assert not names & {"BRAINSEG_TEST_TOKEN", "HOROVOD_SECRET_KEY", "MY_PASSWORD"}, names
     assert command[command.index("-np") + 1] == "4"
     assert command[command.index("-H") + 1] == "node-a:2,node-b:2"
     assert command[command.index("--network-interfaces") + 1] == "eth1"

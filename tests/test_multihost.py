@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from brainseg import checkpoints, netns
-from conftest import REPO_DIR, weights_fingerprints
+from conftest import (REPO_DIR, assert_nothing_left_running, finish, rank_pid,
+                      wait_for_epochs, weights_fingerprints)
 
 pytestmark = pytest.mark.multihost
 
@@ -30,7 +31,6 @@ TINY_MODEL = ["--base-filters", "4", "--depth", "2", "--batch-size", "4"]
 HOST_TIMEOUT = 10
 KILLED_RANK_BOUND = 30
 CUT_OFF_HOST_BOUND = HOST_TIMEOUT + 20
-LAUNCH_TIMEOUT = 240
 
 
 @pytest.fixture
@@ -67,39 +67,6 @@ def launch(cluster, tmp_path, num_hosts, train_flags, launcher_flags=(), private
         process = subprocess.Popen(cluster.command_on(0, shlex.join(command)), cwd=REPO_DIR,
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
     return process, log_path
-
-
-def finish(process, log_path, timeout=LAUNCH_TIMEOUT):
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail(f"the launch did not finish within {timeout} s:\n{log_path.read_text()}")
-    return process.returncode, log_path.read_text()
-
-
-def assert_nothing_left_running(cluster, within=15):
-    deadline = time.monotonic() + within
-    while any(cluster.all_pids().values()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    leftovers = {namespace: [open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:120]
-                             for pid in pids if os.path.exists(f"/proc/{pid}")]
-                 for namespace, pids in cluster.all_pids().items() if pids}
-    assert not leftovers, f"processes left behind: {leftovers}"
-
-
-def wait_for_epochs(output_dir, epochs, process, log_path, timeout=LAUNCH_TIMEOUT):
-    """Waits until the training state records `epochs` finished epochs."""
-    record = os.path.join(output_dir, "training_state.json")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"training ended early:\n{log_path.read_text()}"
-        if os.path.exists(record):
-            with open(record) as file:
-                if json.load(file)["epoch"] >= epochs:
-                    return
-        time.sleep(0.1)
-    pytest.fail(f"no checkpoint of epoch {epochs} within {timeout} s")
 
 
 def assert_checkpoint_intact(output_dir):
@@ -146,20 +113,6 @@ def test_training_across_three_hosts_over_tcp(make_cluster, converted_dir, tmp_p
         # The checkpoint is written once: nothing on the other hosts' disks.
         assert not os.path.exists(f"{node_disk}@{cluster.namespaces[i]}/run")
     assert_nothing_left_running(cluster)
-
-
-def rank_pid(cluster, host_index, rank):
-    for pid in cluster.pids(host_index):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as file:
-                environment = file.read().split(b"\0")
-            with open(f"/proc/{pid}/cmdline", "rb") as file:
-                is_training = b"train_horovod.py" in file.read()
-        except FileNotFoundError:
-            continue
-        if is_training and f"OMPI_COMM_WORLD_RANK={rank}".encode() in environment:
-            return pid
-    pytest.fail(f"no rank {rank} on host {cluster.hosts[host_index]}")
 
 
 FAULT_RUN_EPOCHS = 6
