@@ -42,3 +42,22 @@ def test_converter_ratios_are_medians_of_ratios_within_a_round():
     assert summary["parallel_speedup"] == 1.5
     assert summary["memory_ratio_2_workers"] == round(1.01 / 1.0025, 3)
     assert summary["seed_style_memory_ratio"] == 4.0
+
+
+def test_allreduce_share_unites_nested_timeline_activities(tmp_path):
+    """bench/multihost.py reads a Horovod timeline as Horovod writes it (an unclosed JSON
+    array, B/E activities nested per tensor track): two overlapping allreduces over 0-10
+    and 5-20 us of a 0-40 us trace are busy half the time; negotiation does not count."""
+    from bench.multihost import allreduce_share
+    timeline = tmp_path / "timeline.json"
+    timeline.write_text(
+        '[\n{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "grad_a"}},\n'
+        '{"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": 0, "pid": 1},'
+        '{"ph": "E", "ts": 0, "pid": 1},'
+        '{"ph": "B", "name": "ALLREDUCE", "ts": 0, "pid": 1},'
+        '{"ph": "B", "name": "MPI_ALLREDUCE", "ts": 1, "pid": 1},{"ph": "E", "ts": 9, "pid": 1},'
+        '{"ph": "E", "ts": 10, "pid": 1},'
+        '{"ph": "B", "name": "ALLREDUCE", "ts": 5, "pid": 2},{"ph": "E", "ts": 20, "pid": 2},'
+        '{"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": 30, "pid": 2},'
+        '{"ph": "E", "ts": 40, "pid": 2},')
+    assert allreduce_share(timeline) == 0.5
