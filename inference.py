@@ -18,6 +18,7 @@ per region), summary_metrics.csv (mean, median, std), metrics.json, a PNG montag
 case, dice_distribution.png. Files are written atomically and never overwritten unless
 --overwrite is given.
 """
+import concurrent.futures
 import contextlib
 import os
 import sys
@@ -272,15 +273,38 @@ def input_cases(path):
         return cases
 
 
-def segment_case(model, case, options, args, output, context_slices=0, clock=None):
+def read_inputs(case):
+    """What segmenting a case reads from its files: (image, label map or None, the reference
+    NIfTI whose grid and header the prediction is written on)."""
+    return (*layouts.read_case(case), layouts.reference_image(case))
+
+
+def read_ahead(cases):
+    """Yields (case, a future of read_inputs(case)), reading the next case in a background
+    thread while the caller segments the current one: gzip decoding and NumPy release the
+    GIL, so a release folder streams instead of alternating between reading and predicting.
+    At most two cases are in memory at once."""
+    if not cases:
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+        upcoming = reader.submit(read_inputs, cases[0])
+        for index, case in enumerate(cases):
+            current = upcoming
+            if index + 1 < len(cases):
+                upcoming = reader.submit(read_inputs, cases[index + 1])
+            yield case, current
+
+
+def segment_case(model, case, options, args, output, context_slices=0, clock=None,
+                 inputs=None):
     """Segments one case and writes its NIfTI. Returns its metrics row and the [slice, H, W]
     FLAIR, truth and prediction for a montage; (None, None) for a case without labels.
     A 2.5D model (context_slices > 0) gets each slice with its neighbours in the case.
-    clock (a Stopwatch) adds the seconds of each phase to its totals."""
+    clock (a Stopwatch) adds the seconds of each phase to its totals. inputs: a future of
+    read_inputs(case) already under way (read_ahead); without it the case is read here."""
     clock = clock or Stopwatch()
     with clock("read"):
-        image, labels = layouts.read_case(case)
-        reference = layouts.reference_image(case)
+        image, labels, reference = inputs.result() if inputs else read_inputs(case)
     with clock("preprocess"):
         imgs, _, geometry = preprocessing.preprocess_case(image, None, options)
         check_fits(model, args.CHECKPOINT, options.image_size,
@@ -353,9 +377,10 @@ def infer_nifti(model, args, output):
     context_slices, context_source = context_slices_for(model, args.CHECKPOINT)
     say_context(context_slices, context_source)
     rows, failures = [], []
-    for case in cases:
+    for case, inputs in read_ahead(cases):
         try:
-            row, views = segment_case(model, case, options, args, output, context_slices)
+            row, views = segment_case(model, case, options, args, output, context_slices,
+                                      inputs=inputs)
         except (layouts.CaseError, InferenceError, FileExistsError) as error:
             print(f"  {case.case_id}: FAILED: {error}")
             failures.append((case.case_id, str(error)))

@@ -4,6 +4,7 @@ import csv
 import glob
 import os
 import shutil
+import time
 
 import keras
 import nibabel as nib
@@ -222,3 +223,29 @@ def test_a_busy_inference_folder_is_refused_naming_the_other_run(checkpoint, con
         with pytest.raises(SystemExit, match=f"in use by another run \\(process {os.getpid()} "):
             inference.main(["--data-dir", str(converted_dir), "--checkpoint", checkpoint,
                             "--output-dir", str(tmp_path / "out")])
+
+
+def test_read_ahead_reads_the_next_case_while_one_is_segmented(monkeypatch):
+    """A release folder streams: case k+1 is read while case k is segmented, in order, and a
+    case that cannot be read fails alone, when its turn comes."""
+    events = []
+
+    def read_inputs(case):
+        if case == "broken":
+            raise layouts.CaseError("broken: unreadable")
+        events.append(("read", case))
+        return case
+
+    monkeypatch.setattr(inference, "read_inputs", read_inputs)
+    outcomes = []
+    for case, inputs in inference.read_ahead(["a", "broken", "c", "d"]):
+        try:
+            outcomes.append(inputs.result(timeout=10))
+        except layouts.CaseError as error:
+            outcomes.append(str(error))
+        time.sleep(0.2)  # segmenting: the next read completes meanwhile
+        events.append(("segmented", case))
+    assert outcomes == ["a", "broken: unreadable", "c", "d"]
+    assert events.index(("read", "c")) < events.index(("segmented", "broken"))
+    assert events.index(("read", "d")) < events.index(("segmented", "c"))
+    assert list(inference.read_ahead([])) == []
