@@ -11,14 +11,9 @@
 # command words are joined and run by a shell. Needs root.
 set -euo pipefail
 
-# mpirun and rsync pass ssh options (e.g. "-l user", "-x"); a namespace needs none of them.
-while [ $# -gt 0 ]; do
-    case "$1" in
-        -l|-p|-o|-i|-e) shift 2 ;;
-        -*) shift ;;
-        *) break ;;
-    esac
-done
+source "$(dirname "${BASH_SOURCE[0]}")/ssh_options.sh"
+skip_ssh_options "$@"
+set -- ${after_ssh_options[@]+"${after_ssh_options[@]}"}
 [ $# -ge 1 ] || { echo "netns_rsh.sh: usage: netns_rsh.sh HOST COMMAND..." >&2; exit 255; }
 host="$1"; shift
 

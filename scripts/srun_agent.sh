@@ -9,14 +9,9 @@
 # through (rsync -e uses both). The step shares the job's CPUs with the others (--overlap).
 set -euo pipefail
 
-# preflight.py and rsync pass ssh options (e.g. "-o BatchMode=yes", "-l user"); srun needs none.
-while [ $# -gt 0 ]; do
-    case "$1" in
-        -l|-p|-o|-i|-e) shift 2 ;;
-        -*) shift ;;
-        *) break ;;
-    esac
-done
+source "$(dirname "${BASH_SOURCE[0]}")/ssh_options.sh"
+skip_ssh_options "$@"
+set -- ${after_ssh_options[@]+"${after_ssh_options[@]}"}
 [ $# -ge 2 ] || { echo "srun_agent.sh: usage: srun_agent.sh HOST COMMAND..." >&2; exit 255; }
 [ -n "${SLURM_JOB_ID:-}" ] ||
     { echo "srun_agent.sh: not inside a Slurm allocation (SLURM_JOB_ID is not set)" >&2; exit 255; }
