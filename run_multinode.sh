@@ -239,6 +239,11 @@ horovodrun_command() {
     command+=("$horovodrun" --gloo -np "$total_slots" -H "$host_list"
         --gloo-timeout-seconds "$host_timeout" --disable-cache)
     [ -z "$network" ] || command+=(--network-interfaces "$network")
+    # horovodrun's parser reads every word of its command line, the training flags too: it
+    # would take `--timeline FILE` for its own --timeline-filename (or call it ambiguous).
+    # After `--` it reads none, but keeps the `--` in the command it runs: `env --` runs
+    # the rest unchanged.
+    command+=(env --)
 }
 
 if [ "$gloo" -eq 1 ]; then horovodrun_command; else mpirun_command; fi

@@ -122,12 +122,16 @@ def test_horovodrun_gloo_over_ssh_trains_on_two_hosts(ssh_hosts, converted_dir, 
                                                       network_flags):
     """--gloo: horovodrun reaches host 2 with ssh and writes the ranks' environment on the
     ssh command line; only the variables run_multinode.sh forwards get there. Without
-    --network, horovodrun first finds the hosts' common interface with a probe on each."""
+    --network, horovodrun first finds the hosts' common interface with a probe on each.
+    The training flags reach train_horovod.py untouched, --timeline too (horovodrun's
+    parser would otherwise take it for its --timeline-filename)."""
     output_dir = tmp_path / "run"
+    timeline = tmp_path / "timeline.json"
     returncode, output = launch(ssh_hosts, tmp_path, ["--gloo", *network_flags],
                                 ["--data-dir", str(converted_dir), "--output-dir",
-                                 str(output_dir), *TINY_RUN])
+                                 str(output_dir), "--timeline", str(timeline), *TINY_RUN])
     assert returncode == 0, output
+    assert '"ALLREDUCE"' in timeline.read_text()
     assert "Horovod: 2 workers" in output
     assert_trained_on_both_hosts(ssh_hosts, output, output_dir)
     assert_no_secret_on_ssh_command_lines(ssh_hosts)
