@@ -117,8 +117,10 @@ def engine_cluster(engine, num_hosts, scratch):
 
             def run(hosts, flags, log):
                 hosts_file = ssh.write_hosts_file(log + ".hosts", hosts)
-                network = ["--gloo", "--network", "eth0"] if engine == "gloo" else [
-                    "--network", ssh.cluster.subnet]
+                if engine == "ssh":
+                    network = ["--network", ssh.cluster.subnet]
+                else:  # horovodrun on one host runs over loopback, which eth0 would exclude
+                    network = ["--gloo", *(["--network", "eth0"] if hosts > 1 else [])]
                 command = [LAUNCHER, "--hosts", hosts_file, *network, "--", *flags]
                 return run_logged(ssh.on_host(0, command), log, env)
             yield run, ssh.cluster
