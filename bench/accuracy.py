@@ -17,11 +17,12 @@ held-out cases, the worst case, the training time and images per second.
 The seed fixes the cases, the split, the initial weights and the batches; inference on a
 trained model reproduces every figure, but training repeated on the same data differed in
 the 4th decimal of its first-epoch loss (README), so small differences may be noise. Everything is kept in --work-dir and reused by the next run with the same seed,
-case counts and flags: an ablation of --inference-flags alone (post-processing, test-time
+case counts, flags and settings.py defaults: an ablation of --inference-flags alone (post-processing, test-time
 flips) costs only its inference, since train_horovod.py returns at once on a finished run
 (the training time reported is then the one logged when it trained).
 """
 import argparse
+import ast
 import csv
 import hashlib
 import json
@@ -136,6 +137,20 @@ def flags_key(*flag_lists):
     return hashlib.sha256(json.dumps(flag_lists).encode()).hexdigest()[:10]
 
 
+def defaults_of(script):
+    """The settings.py values a script takes as its defaults (its SETTINGS list, read from
+    its source without importing it), folders left out. They are part of the cache keys: a
+    changed default (USE_BATCH_NORM once) must not be served data or a model made under the
+    old one, which flags alone would have keyed the same."""
+    import settings
+    with open(os.path.join(REPO_DIR, script)) as file:
+        tree = ast.parse(file.read())
+    names = next(ast.literal_eval(node.value) for node in tree.body
+                 if isinstance(node, ast.Assign)
+                 and any(getattr(target, "id", None) == "SETTINGS" for target in node.targets))
+    return {name: repr(getattr(settings, name)) for name in names if not name.endswith("_DIR")}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results to this file")
@@ -168,16 +183,18 @@ def main():
                          args.seed)
     test_raw = generate(os.path.join(args.work_dir, data_key, "test_raw"), args.test_cases,
                         args.seed + 1000)
+    convert_recipe = [convert_flags, defaults_of("converter.py")]
     data_dir = convert(train_raw, os.path.join(args.work_dir, data_key,
-                                               f"converted_{flags_key(convert_flags)}"),
+                                               f"converted_{flags_key(*convert_recipe)}"),
                        convert_flags)
 
-    # The recipe: training for these flags (reused when it already ran), then inference.
-    train_dir = os.path.join(args.work_dir, data_key,
-                             f"train_{flags_key(convert_flags, train_flags)}")
+    # The recipe: training for these flags and defaults (reused when it already ran), then
+    # inference.
+    train_recipe = [*convert_recipe, train_flags, defaults_of("train_horovod.py")]
+    train_dir = os.path.join(args.work_dir, data_key, f"train_{flags_key(*train_recipe)}")
     inference_dir = os.path.join(
         args.work_dir, data_key,
-        f"inference_{args.name}_{flags_key(convert_flags, train_flags, inference_flags)}")
+        f"inference_{args.name}_{flags_key(*train_recipe, inference_flags)}")
     train_seconds, epochs, img_s = train(data_dir, train_dir, args.seed, train_flags)
     inference_seconds, rows = segment(test_raw, train_dir, inference_dir, inference_flags)
     regions, worst = summarize(rows)

@@ -61,3 +61,17 @@ def test_allreduce_share_unites_nested_timeline_activities(tmp_path):
         '{"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": 30, "pid": 2},'
         '{"ph": "E", "ts": 40, "pid": 2},')
     assert allreduce_share(timeline) == 0.5
+
+
+def test_accuracy_cache_keys_follow_the_settings_defaults(monkeypatch):
+    """bench/accuracy.py reuses a trained model only for the same flags and the same
+    settings.py defaults: a changed default (batch normalization) is a new training."""
+    import settings
+    from bench.accuracy import defaults_of, flags_key
+    defaults = defaults_of("train_horovod.py")
+    assert {"USE_BATCH_NORM", "EPOCHS", "BASE_FILTERS", "CONTEXT_SLICES"} <= set(defaults)
+    assert "TRAIN_DIR" not in defaults and "IMAGE_SIZE" in defaults_of("converter.py")
+    before = flags_key(["--context-slices", "1"], defaults)
+    monkeypatch.setattr(settings, "USE_BATCH_NORM", not settings.USE_BATCH_NORM)
+    after = flags_key(["--context-slices", "1"], defaults_of("train_horovod.py"))
+    assert before != after
