@@ -157,3 +157,16 @@ def test_nearest_resampling_copies_the_pixels_the_matrix_product_picks(size_in, 
     actual = preprocessing.resample(volume, size_out, order=0)
     assert actual.dtype == np.uint8
     np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("kept", [[3, 4, 5, 6], [2, 5, 6, 9]], ids=["consecutive", "gaps"])
+def test_to_volume_writes_the_box_of_the_kept_slices(kept):
+    """to_volume writes the resampled box straight into the volume: the same values as
+    resampling the whole slices back (from_slices) and placing them on the kept slices."""
+    rng = np.random.default_rng(5)
+    values = rng.random((len(kept), 16, 16, 3), dtype=np.float32)
+    geometry = {"slices": np.array(kept), "crop_box": (3, 5, 24)}
+    expected = np.zeros((32, 34, 12, 3), np.float32)
+    expected[:, :, kept] = preprocessing.from_slices(values, (3, 5, 24), (32, 34), order=1)
+    np.testing.assert_array_equal(preprocessing.to_volume(values, geometry, (32, 34, 12)),
+                                  expected)
