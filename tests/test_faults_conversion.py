@@ -49,9 +49,10 @@ def assert_intact(out_dir, expected_hashes):
 
 @pytest.fixture(scope="module")
 def many_cases(tmp_path_factory):
-    """Enough cases that a conversion lasts a few seconds, to be interrupted midway."""
+    """Enough cases that a conversion lasts a few seconds, to be interrupted midway (16 took
+    half a second once the converter got faster, and finished before the kill)."""
     root = tmp_path_factory.mktemp("many")
-    synthetic.write_dataset(str(root), 16, seed=11, shape=(64, 64, 40))
+    synthetic.write_dataset(str(root), 96, seed=11, shape=(64, 64, 40))
     return root
 
 
@@ -91,7 +92,8 @@ def test_a_killed_conversion_leaves_the_previous_dataset_whole_and_no_worker(
     assert wait_for(lambda: staged() and len(children(process.pid)) >= 2), \
         "the conversion never started its workers"
     workers = children(process.pid)
-    time.sleep(0.5)  # mid-way through the cases
+    time.sleep(0.2)  # into the cases
+    assert process.poll() is None, "the conversion finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert wait_for(lambda: not any(alive(pid) for pid in workers), timeout=10), \
@@ -113,7 +115,8 @@ def test_a_worker_killed_midway_is_retried_and_the_output_is_unchanged(many_case
                                cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     assert wait_for(lambda: len(children(process.pid)) >= 2)
-    time.sleep(0.3)
+    time.sleep(0.2)
+    assert process.poll() is None, "the conversion finished before a worker could be killed"
     os.kill(children(process.pid)[0], signal.SIGKILL)  # what the out-of-memory killer does
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
