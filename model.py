@@ -4,6 +4,8 @@ The network maps a [H, W, channels] slice to per-pixel tumor probabilities. Its 
 the resolution DEPTH times while doubling the filters; the decoder mirrors it and concatenates
 the encoder features of the same resolution, which is what lets a U-Net draw sharp borders.
 """
+import math
+
 import keras
 from keras import layers, ops
 
@@ -13,6 +15,16 @@ from brainseg import metrics
 # they stay defined and differentiable on batches without tumor; the case scores of
 # brainseg/metrics.py use none (metrics.dice_from_sums is the one formula for both).
 SMOOTH = 1.0
+
+# The output layer's bias starts at the logit of this probability, not at 0 (probability 0.5):
+# tumor is a few percent of a slice's pixels, so the network starts where the data are (the
+# "prior probability" initialization of Lin et al., Focal Loss, 2017). It matters with batch
+# normalization: every layer's output is renormalized, so the logits can only grow as fast as
+# Adam moves the last layer (about one learning rate per step). From 0.5, the background was
+# still at probability 0.34 after 60 steps on the realistic cases, and the loss took about 5
+# of 12 epochs to come down; from 0.01 it is at 0.01 from the start (loss after 60 steps:
+# 1.40 -> 0.48, the same as without batch normalization).
+OUTPUT_PRIOR = 0.01
 
 
 def conv_block(x, filters, use_batch_norm, name):
@@ -56,7 +68,9 @@ def build_unet(image_size=128, channels=4, num_classes=1, base_filters=16, depth
         x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
         x = conv_block(x, filters, use_batch_norm, f"up{level}")
     # float32 output even under mixed precision: sigmoid and losses need the range.
+    prior_logit = math.log(OUTPUT_PRIOR / (1 - OUTPUT_PRIOR))
     outputs = layers.Conv2D(num_classes, 1, activation="sigmoid", dtype="float32",
+                            bias_initializer=keras.initializers.Constant(prior_logit),
                             name="tumor_probability")(x)
     return keras.Model(inputs, outputs, name="unet")
 

@@ -151,6 +151,19 @@ def defaults_of(script):
     return {name: repr(getattr(settings, name)) for name in names if not name.endswith("_DIR")}
 
 
+# The code a trained model depends on beyond its flags and settings: a changed network or
+# loss (model.py's output prior once) is a new training too.
+TRAINING_SOURCES = ("model.py", "data.py", "train_horovod.py")
+
+
+def source_digest(paths):
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(os.path.join(REPO_DIR, path), "rb") as file:
+            digest.update(file.read())
+    return digest.hexdigest()[:10]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results to this file")
@@ -190,7 +203,8 @@ def main():
 
     # The recipe: training for these flags and defaults (reused when it already ran), then
     # inference.
-    train_recipe = [*convert_recipe, train_flags, defaults_of("train_horovod.py")]
+    train_recipe = [*convert_recipe, train_flags, defaults_of("train_horovod.py"),
+                    source_digest(TRAINING_SOURCES)]
     train_dir = os.path.join(args.work_dir, data_key, f"train_{flags_key(*train_recipe)}")
     inference_dir = os.path.join(
         args.work_dir, data_key,

@@ -89,3 +89,15 @@ def test_per_region_dice_loss_weighs_every_region_equally():
     single = truth[..., :1]  # with one region both are the same loss
     assert float(unet.soft_dice_loss(single, prediction[..., :1], per_region=True)) == \
         pytest.approx(float(unet.soft_dice_loss(single, prediction[..., :1])))
+
+
+def test_an_untrained_network_starts_near_the_tumor_prior_not_at_one_half():
+    """Tumor is a few percent of the pixels: the output bias starts at that prior, so the
+    first steps are not spent pushing every background pixel down from 0.5 (slow with batch
+    normalization, which renormalizes every layer)."""
+    net = unet.build_unet(image_size=32, channels=4, num_classes=3, base_filters=8, depth=2,
+                          use_batch_norm=True)
+    probabilities = np.asarray(net(np.random.default_rng(0).normal(size=(4, 32, 32, 4))))
+    assert np.median(probabilities) < 5 * unet.OUTPUT_PRIOR
+    np.testing.assert_allclose(1 / (1 + np.exp(-net.get_layer("tumor_probability").bias)),
+                               unet.OUTPUT_PRIOR, rtol=1e-5)
