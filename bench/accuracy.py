@@ -117,8 +117,8 @@ def summarize(rows):
 def markdown_table(results):
     """One row per result file: the recipe, its seed, mean (median) Dice and mean HD95 per
     region, lesion-wise Dice, the worst case and the training time."""
-    lines = ["| recipe | seed | WT Dice | TC Dice | ET Dice | WT / TC / ET HD95 (mm) | "
-             "lesion-wise Dice WT / TC / ET | worst WT | train min (img/s) |",
+    lines = [("| recipe | seed | WT Dice | TC Dice | ET Dice | WT / TC / ET HD95 (mm) | "
+              "lesion-wise Dice WT / TC / ET | worst WT | train min (img/s) |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         regions = result["regions"]
