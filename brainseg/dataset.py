@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from brainseg import atomic
+from brainseg import atomic, messages
 
 SPLITS = ("train", "test")
 MANIFEST = "manifest.json"
@@ -101,8 +101,8 @@ def check_replaceable(data_dir):
                     if not (name.startswith(atomic.PARTIAL_PREFIX) or any(
                         fnmatch.fnmatchcase(name, pattern) for pattern in DATA_PATTERNS)))
     if others:
-        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        raise ValueError(f"{data_dir}: holds files that are not a converted dataset ({shown}); "
+        raise ValueError(f"{data_dir}: holds files that are not a converted dataset "
+                         f"({messages.first_few(others)}); "
                          f"a conversion replaces the whole folder: choose a new or empty one")
 
 

@@ -23,7 +23,7 @@ import os
 import nibabel as nib
 import numpy as np
 
-from brainseg import nifti, preprocessing
+from brainseg import messages, nifti, preprocessing
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of every image array
 MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")  # FLAIR, T1w, T1gd, T2w in the 4-D files
@@ -103,7 +103,7 @@ def detect_layout(root):
             if _nifti(folder, case_id + layout.separator + layout.file_names["flair"]):
                 return name
     expected = "\n".join(f"  {layout.name}: {layout.description}" for layout in LAYOUTS.values())
-    found = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "") if entries else "nothing"
+    found = messages.first_few(entries, 8) if entries else "nothing"
     raise LayoutError(f"{root}: no BraTS layout recognized.\nExpected one of:\n{expected}\n"
                       f"Found: {found}")
 
@@ -255,8 +255,8 @@ def distinct_values(volume):
 def _few(values, limit=5):
     """The first values of a list, and how many there are, for a message of one line:
     "[10, 11, 12, 13, 14, ...] (240 values)"."""
-    shown = ", ".join(f"{value:g}" for value in values[:limit])
-    return f"[{shown}]" if len(values) <= limit else f"[{shown}, ...] ({len(values)} values)"
+    shown = messages.first_few((f"{value:g}" for value in values), limit)
+    return f"[{shown}]" if len(values) <= limit else f"[{shown}] ({len(values)} values)"
 
 
 def to_internal_labels(labels, layout):

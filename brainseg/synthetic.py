@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from brainseg import atomic, layouts, phantom
+from brainseg import atomic, layouts, messages, phantom
 
 CASE_PREFIX = "BraTS20_Training_"
 
@@ -319,7 +319,7 @@ def claim_folder(root):
         found = sorted(os.listdir(root))
         if found:
             raise ValueError(f"{root}: holds files this generator did not write "
-                             f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
+                             f"({messages.first_few(found, 3)}); "
                              f"synthetic cases go to a new or empty folder")
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, MARKER), "w") as file:

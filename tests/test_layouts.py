@@ -162,3 +162,10 @@ def test_distinct_values_are_those_of_np_unique():
         actual = layouts.distinct_values(volume)
         assert actual.dtype == expected.dtype
         np.testing.assert_array_equal(actual, expected)
+
+
+def test_messages_name_the_first_few_items_and_say_when_there_are_more():
+    from brainseg import messages
+    assert messages.first_few(["a", "b"], 3) == "a, b"
+    assert messages.first_few(["a", "b", "c"], 3) == "a, b, c"
+    assert messages.first_few(range(10_000), 3) == "0, 1, 2, ..."
