@@ -98,7 +98,8 @@ def in_precision(model, precision):
     nothing with the original but the weights' values: a clone whose layers take the policy,
     the output layer kept in float32 (sigmoid and losses need the range). The model itself
     when it already computes in that precision. precision None keeps each layer's own policy
-    (a plain copy, e.g. a training model without its optimizer)."""
+    (a plain copy, e.g. a training model without its optimizer). The clone is made of stock
+    Keras layers."""
     import keras
 
     policy = resolve_precision(precision) if precision else None
@@ -110,7 +111,10 @@ def in_precision(model, precision):
         if policy and layer.name != model.layers[-1].name and \
                 not isinstance(layer, keras.layers.InputLayer):
             config["dtype"] = policy
-        return layer.__class__.from_config(config)
-    clone = keras.models.clone_model(model, clone_function=clone_layer if policy else None)
+        # Stock Keras layers only: a layer that only trains differently names the stock
+        # class it stands for (model.FusedBatchNormalization), so exported models load
+        # anywhere.
+        return getattr(layer, "STOCK_LAYER", layer.__class__).from_config(config)
+    clone = keras.models.clone_model(model, clone_function=clone_layer)
     clone.set_weights(model.get_weights())
     return clone

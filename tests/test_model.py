@@ -101,3 +101,58 @@ def test_an_untrained_network_starts_near_the_tumor_prior_not_at_one_half():
     assert np.median(probabilities) < 5 * unet.OUTPUT_PRIOR
     np.testing.assert_allclose(1 / (1 + np.exp(-net.get_layer("tumor_probability").bias)),
                                unet.OUTPUT_PRIOR, rtol=1e-5)
+
+
+def test_fused_batch_normalization_trains_like_keras_own():
+    """The fused kernel is a speed-up, not a change: the same outputs, gradients and moving
+    statistics as Keras' element-wise layer (up to rounding and Bessel's correction of the
+    batch variance, a factor 1 + 1/(N - 1) with N = 2 x 8 x 8 here), and the same layer
+    outside training."""
+    import tensorflow as tf
+    import keras
+
+    images = tf.constant(np.random.default_rng(0).normal(2.0, 3.0, (2, 8, 8, 5)), tf.float32)
+    layers = {"fused": unet.FusedBatchNormalization(momentum=0.9),
+              "keras": keras.layers.BatchNormalization(momentum=0.9)}
+    outputs, gradients = {}, {}
+    for name, layer in layers.items():
+        layer.build(images.shape)
+        layer.gamma.assign(np.linspace(0.5, 1.5, 5))
+        layer.beta.assign(np.linspace(-1, 1, 5))
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            outputs[name] = layer(images, training=True)
+            loss = tf.reduce_sum(outputs[name] * tf.range(5, dtype=tf.float32))
+        gradients[name] = tape.gradient(loss, [images, layer.gamma, layer.beta])
+    np.testing.assert_allclose(outputs["fused"], outputs["keras"], atol=1e-4)
+    for fused, plain in zip(gradients["fused"], gradients["keras"]):
+        np.testing.assert_allclose(fused, plain, atol=1e-3)
+    np.testing.assert_allclose(layers["fused"].moving_mean, layers["keras"].moving_mean,
+                               rtol=1e-5)
+    n = 2 * 8 * 8  # values per channel; moving variance = 0.9 x 1 + 0.1 x batch variance
+    keras_batch_variance = (np.asarray(layers["keras"].moving_variance) - 0.9) / 0.1
+    np.testing.assert_allclose(layers["fused"].moving_variance,
+                               0.9 + 0.1 * keras_batch_variance * n / (n - 1), rtol=1e-4)
+    layers["keras"].moving_variance.assign(layers["fused"].moving_variance)
+    np.testing.assert_allclose(layers["fused"](images, training=False),
+                               layers["keras"](images, training=False), atol=1e-5)
+
+
+def test_exported_models_hold_stock_keras_layers_only(tmp_path):
+    """A checkpoint for inference must load in any Keras: the fused layer exports as Keras'
+    own BatchNormalization, with its weights."""
+    import json
+    import zipfile
+
+    from brainseg import checkpoints
+
+    net = unet.build_unet(image_size=16, channels=2, num_classes=3, base_filters=4, depth=2,
+                          use_batch_norm=True)
+    assert type(net.get_layer("down0_bn1")) is unet.FusedBatchNormalization
+    path = str(tmp_path / "model.keras")
+    checkpoints.export_for_inference(net, path)
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+    classes = {layer["class_name"] for layer in config["config"]["layers"]}
+    assert "BatchNormalization" in classes and "FusedBatchNormalization" not in classes
+    assert "brainseg" not in json.dumps(config)

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import pytest
 
+import model  # noqa: F401  (registers the layers a training state holds)
 from brainseg import checkpoints, netns
 from conftest import (REPO_DIR, assert_nothing_left_running, finish, rank_pid,
                       wait_for_epochs, weights_fingerprints)

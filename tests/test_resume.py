@@ -13,6 +13,7 @@ import time
 
 import keras
 
+import model  # noqa: F401  (registers the layers a training state holds)
 from brainseg import checkpoints
 from conftest import REPO_DIR, weights_fingerprints
 
