@@ -1,6 +1,8 @@
 """Benchmark pieces that need no run: the FLOP count behind bench/training.py's GFLOP/s
 figures, bench/allreduce.py's fit of the ring-allreduce cost model, and how
 bench/converter.py forms its ratios."""
+import pytest
+
 import model as unet
 from bench.training import forward_flops_per_slice
 
@@ -75,3 +77,21 @@ def test_accuracy_cache_keys_follow_the_settings_defaults(monkeypatch):
     monkeypatch.setattr(settings, "USE_BATCH_NORM", not settings.USE_BATCH_NORM)
     after = flags_key(["--context-slices", "1"], defaults_of("train_horovod.py"))
     assert before != after
+
+
+def test_step_profile_sorts_ops_by_the_layer_they_belong_to_and_finds_idle_time():
+    from bench import step_profile
+
+    kinds = {"down0_conv1": "convolutions", "down0_bn1": "batch normalization"}
+    category = step_profile.category
+    assert category("unet_1/down0_conv1_1/convolution", "_MklNativeConv2D", kinds) == \
+        "convolutions"
+    assert category("gradient_tape/unet_1/down0_bn1_1/FusedBatchNormGradV3",
+                    "FusedBatchNormGradV3", kinds) == "batch normalization"
+    assert category("adam/Sqrt_3", "Sqrt", kinds) == "optimizer (Adam)"
+    assert category("gradient_tape/AddN_3", "AddN", kinds).startswith("gradient sums")
+    assert category("logistic_loss/Log1p", "Log1p", kinds).startswith("loss")
+    # ops at [0, 4) and [2, 6) overlap, [8, 9) is alone: busy 7 of 10 wall seconds
+    events = [(None, None, start * 10**12, length * 10**12)
+              for start, length in ((0, 4), (2, 4), (8, 1))]
+    assert step_profile.idle_seconds(events, 10.0) == pytest.approx(3.0)
