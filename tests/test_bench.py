@@ -88,6 +88,9 @@ def test_step_profile_sorts_ops_by_the_layer_they_belong_to_and_finds_idle_time(
         "convolutions"
     assert category("gradient_tape/unet_1/down0_bn1_1/FusedBatchNormGradV3",
                     "FusedBatchNormGradV3", kinds) == "batch normalization"
+    # oneDNN fuses a convolution with its bias and ReLU, under the ReLU's name
+    assert category("unet_1/down0_relu1_1/Relu", "_MklNativeFusedConv2D", kinds) == \
+        "convolutions"
     assert category("adam/Sqrt_3", "Sqrt", kinds) == "optimizer (Adam)"
     assert category("gradient_tape/AddN_3", "AddN", kinds).startswith("gradient sums")
     assert category("logistic_loss/Log1p", "Log1p", kinds).startswith("loss")
