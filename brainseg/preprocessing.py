@@ -59,14 +59,15 @@ def brain_mask(image):
     return brain
 
 
-def bounding_box(mask):
-    """The smallest box (a tuple of slices) holding every True voxel of a mask; empty
-    slices when there is none."""
+def bounding_box(mask, margin=0):
+    """The smallest box (a tuple of slices) holding every True voxel of a mask, grown by
+    `margin` voxels on every side within the grid; empty slices when there is none."""
     box = []
     for axis in range(mask.ndim):
         others = tuple(k for k in range(mask.ndim) if k != axis)
         hits = np.flatnonzero(mask.any(axis=others))
-        box.append(slice(hits[0], hits[-1] + 1) if hits.size else slice(0, 0))
+        box.append(slice(max(hits[0] - margin, 0), hits[-1] + 1 + margin) if hits.size
+                   else slice(0, 0))
     return tuple(box)
 
 

@@ -244,6 +244,22 @@ def test_lesion_wise_matches_the_official_parsers_on_the_same_files(evaluated):
                 assert ours[key] == pytest.approx(parsed, abs=1e-9, nan_ok=True), (name, region, key)
 
 
+def test_lesion_wise_on_the_tumor_box_equals_the_full_grid():
+    """lesion_wise scores the box of both maps' tumor plus a voxel: the same lesions, matches
+    and distances as the package on the whole grid, a lesion on the grid's edge included."""
+    truth = box(box(np.zeros(SHAPE, np.uint8), (10, 12, 6), (8, 6, 4), 1), (12, 13, 7), (3, 3, 2))
+    truth = box(truth, (0, 30, 20), (5, 4, 4), 2)
+    prediction = box(box(np.zeros(SHAPE, np.uint8), (11, 12, 7), (7, 7, 4), 1), (12, 14, 7),
+                     (4, 2, 2))
+    prediction = box(prediction, (25, 3, 3), (3, 3, 2), 2)
+    release = [layouts.to_release_labels(labels, "brats2023") for labels in (truth, prediction)]
+    full_grid = metrics.official_lesion_scores(*release, SPACING)
+    on_the_box = metrics.lesion_wise(truth, prediction, SPACING)
+    for region in REGIONS:
+        assert on_the_box[region] == pytest.approx(full_grid[region], abs=1e-12)
+    assert full_grid["whole_tumor"]["fp"] == 1 and full_grid["whole_tumor"]["fn"] == 1
+
+
 def test_lesion_wise_without_true_lesions():
     empty = np.zeros(SHAPE, np.uint8)
     fragment = box(np.zeros(SHAPE, np.uint8), (5, 5, 5), (3, 3, 2))
