@@ -82,6 +82,11 @@ def weights_fingerprints(output, kind="final"):
 
 
 TINY_MODEL = ["--base-filters", "4", "--depth", "2", "--batch-size", "8"]
+# The session's trained run (trained_run): 40 steps per epoch (an epoch of the 6 small cases
+# is 6), enough for the tiny U-Net to find the tumor, not just to output probabilities near
+# one half.
+TRAINED_RUN_FLAGS = ["--epochs", "4", "--steps-per-epoch", "40", "--learning-rate", "3e-3",
+                     *TINY_MODEL]
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +96,7 @@ def trained_run(converted_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("train")
     result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
                   "--data-dir", str(converted_dir), "--output-dir", str(output_dir),
-                  "--epochs", "4", "--learning-rate", "3e-3", *TINY_MODEL], timeout=300)
+                  *TRAINED_RUN_FLAGS], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return output_dir, result.stdout
 

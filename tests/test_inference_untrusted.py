@@ -22,10 +22,14 @@ CASE = synthetic.case_id(1)
 @pytest.fixture(scope="module")
 def untrained_model(tmp_path_factory):
     """A tiny three-region U-Net with fixed random weights: its output depends on every
-    input voxel and is not symmetric, so a slice seen mirrored gives another answer."""
+    input voxel and is not symmetric, so a slice seen mirrored gives another answer. Its
+    output bias is 0, not the tumor prior, so that about half the voxels come out as tumor
+    and the segmentations compared are not empty."""
     keras.utils.set_random_seed(13)
     path = tmp_path_factory.mktemp("model") / "untrained.keras"
-    unet.build_unet(SMALL_IMAGE_SIZE, 4, 3, base_filters=4, depth=2).save(path)
+    net = unet.build_unet(SMALL_IMAGE_SIZE, 4, 3, base_filters=4, depth=2)
+    net.get_layer("tumor_probability").bias.assign(np.zeros(3, np.float32))
+    net.save(path)
     return str(path)
 
 

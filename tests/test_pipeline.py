@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from brainseg import folders
-from conftest import REPO_DIR, TINY_MODEL, run, weights_fingerprints
+from conftest import REPO_DIR, TINY_MODEL, TRAINED_RUN_FLAGS, run, weights_fingerprints
 
 
 def test_two_workers_train_and_the_loss_goes_down(trained_run):
@@ -52,7 +52,7 @@ def test_rerunning_a_finished_run_returns_without_building_a_model(trained_run,
               for name in os.listdir(output_dir)}
     result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
                   "--data-dir", str(converted_dir), "--train-dir", str(output_dir),
-                  "--epochs", "4", "--learning-rate", "3e-3", *TINY_MODEL], timeout=300)
+                  *TRAINED_RUN_FLAGS], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{output_dir} holds a finished run (epoch 4); nothing to train" in result.stdout
     assert "weights fingerprint" not in result.stdout  # no model was built or restored

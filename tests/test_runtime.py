@@ -28,16 +28,18 @@ def masks(model, imgs):
 
 
 def assert_same_masks(expected, found):
-    """Dice >= 0.99 between the two runtimes' masks, region by region; the masks must hold
-    tumor, or any runtime would agree with any other."""
+    """Dice >= 0.99 between the two runtimes' masks, region by region (two empty masks agree:
+    the tiny model finds no enhancing tumor); the whole tumor must be found, or any runtime
+    would agree with any other."""
+    assert expected[..., 0].sum() > 100, "the trained model predicts no tumor"
     for region in range(expected.shape[-1]):
-        assert expected[..., region].sum() > 100, "the trained model predicts no tumor"
         assert metrics.dice(expected[..., region], found[..., region]) >= 0.99
 
 
 @pytest.mark.parametrize("precision", ["auto", "float32"])
 def test_openvino_predicts_the_masks_of_tensorflow(checkpoint, converted_dir, precision):
-    imgs = np.asarray(dataset.open_split(str(converted_dir), "test")[0], np.float32)
+    # the training split: the test split's 2 small cases hold a few dozen tumor pixels
+    imgs = np.asarray(dataset.open_split(str(converted_dir), "train")[0], np.float32)
     tensorflow_model, _ = runtime.load(checkpoint, "tensorflow", "float32",
                                        inference.load_checkpoint)
     openvino_model, description = runtime.load(checkpoint, "openvino", precision,
