@@ -97,10 +97,7 @@ def trace(step, batch, steps, log_dir):
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     tf.profiler.experimental.start(log_dir)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step(*batch)[0].numpy()
-    wall = time.perf_counter() - started
+    wall = time_steps(step, batch, steps) * steps
     tf.profiler.experimental.stop()
     space = xplane_pb2.XSpace()
     with open(sorted(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"),

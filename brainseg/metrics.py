@@ -210,8 +210,9 @@ def lesion_wise(truth_labels, prediction_labels, spacing):
     truth, prediction = arrays
     # The box of both maps' tumor plus one voxel, as hausdorff95: every lesion, every match
     # and every distance lies in it (1.1 of the 1.5 s a case's scores took on the full grid).
-    box = preprocessing.bounding_box((truth > 0) | (prediction > 0), margin=1)
-    if truth[box].size:
+    tumor = (truth > 0) | (prediction > 0)
+    if tumor.any():
+        box = preprocessing.bounding_box(tumor, margin=1)
         truth, prediction = truth[box], prediction[box]
     return official_lesion_scores(truth, prediction, spacing)
 

@@ -27,8 +27,9 @@ def remove_small_lesions(labels, spacing, min_volume_mm3):
     if min_volume_mm3 <= 0 or not labels.any():
         return labels
     # Within the tumor's bounding box (a few percent of the grid): the same components.
-    box = preprocessing.bounding_box(labels > 0)
-    components, count = scipy.ndimage.label(labels[box] > 0, structure=np.ones((3, 3, 3)))
+    tumor = labels > 0
+    box = preprocessing.bounding_box(tumor)
+    components, count = scipy.ndimage.label(tumor[box], structure=np.ones((3, 3, 3)))
     voxel_mm3 = float(np.prod(spacing))
     sizes = np.bincount(components.ravel(), minlength=count + 1) * voxel_mm3
     small = sizes < min_volume_mm3

@@ -157,9 +157,10 @@ def nearest_indices(size_in, size_out):
 
 
 def _two_taps(matrix):
-    """(first, weights): a linear-interpolation matrix, whose rows each hold at most two
-    neighbouring non-zero weights, as the first input index of every row and the [rows, 2]
-    weights of that index and the next; None when some row holds more (cubic resampling)."""
+    """(first, second, weights): a linear-interpolation matrix, whose rows each hold at most
+    two neighbouring non-zero weights, as the two input indices of every row (the second
+    clipped to the grid) and the [rows, 2] weights of them; None when some row holds more
+    (cubic resampling)."""
     nonzero = matrix != 0
     first = nonzero.argmax(axis=1)
     last = matrix.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1)
