@@ -54,6 +54,26 @@ def row_reader(array):
     return read
 
 
+def tumor_rows(msks, rows_per_read=4096):
+    """Indices of the mask rows with any tumor pixel. Read in blocks with os.pread (see
+    row_reader: a pass through the map would count the whole mask file as resident memory);
+    4096 rows of 128x128x3 masks are 200 MB, read once at start-up."""
+    if not (isinstance(msks, np.memmap) and isinstance(msks.base, mmap.mmap)):
+        return np.flatnonzero(np.asarray(msks).reshape(len(msks), -1).any(axis=1))
+    found = []
+    with open(msks.filename, "rb", buffering=0) as file:
+        row_bytes = msks[:1].nbytes
+        for start in range(0, len(msks), rows_per_read):
+            block = np.empty((min(rows_per_read, len(msks) - start), *msks.shape[1:]),
+                             msks.dtype)
+            if os.preadv(file.fileno(), [block], msks.offset + start * row_bytes) \
+                    != block.nbytes:
+                raise ValueError(f"{msks.filename}: rows {start}-{start + len(block)} end "
+                                 f"past the end of the file (truncated?)")
+            found.append(start + np.flatnonzero(block.reshape(len(block), -1).any(axis=1)))
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
 def _reader(imgs, msks, neighbours=None):
     """A tf.data map function that reads sample i of the arrays. With a neighbour table
     (brainseg/context.py, 2.5D input) the image is row i stacked with its neighbouring rows
@@ -110,18 +130,36 @@ def augment(image, mask, seed, intensity=0.0, modalities=None):
     return image, mask
 
 
+def sample_stream(indices, seed, tumor_indices=None, tumor_share=0.0):
+    """Endless sample indices of the shard, reshuffled every pass. With tumor_share > 0 each
+    sample is drawn with that probability from the shard's slices with tumor
+    (`tumor_indices`), otherwise from all of them, as nnU-Net forces a third of its patches
+    onto foreground: most brain slices hold no tumor, and the small regions (the core, the
+    enhancing rim) are a few percent of what the network sees."""
+    def endless(rows, stream_seed):
+        rows = tf.data.Dataset.from_tensor_slices(rows)
+        return rows.shuffle(len(rows), seed=stream_seed, reshuffle_each_iteration=True).repeat()
+    everything = endless(indices, seed)
+    if not tumor_share or tumor_indices is None or len(tumor_indices) == 0:
+        return everything
+    return tf.data.Dataset.sample_from_datasets(
+        [everything, endless(tumor_indices, seed + 1)], [1 - tumor_share, tumor_share],
+        seed=seed + 2)
+
+
 def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0,
-                     intensity_augmentation=0.0, neighbours=None):
+                     intensity_augmentation=0.0, neighbours=None, tumor_indices=None,
+                     tumor_share=0.0):
     """Endless shuffled, augmented batches of the given shard; the caller takes
     steps_per_epoch() batches per epoch. The same seed gives the same batches. `neighbours`
-    (brainseg/context.py's table for these arrays, None for one slice) makes 2.5D samples.
+    (brainseg/context.py's table for these arrays, None for one slice) makes 2.5D samples;
+    tumor_share draws that share of the samples from `tumor_indices` (sample_stream).
 
     skip_samples drops that many samples from the start of the stream: a run resumed after
     k epochs passes k x steps x batch size and sees exactly the batches the uninterrupted run
     would have seen. The skip happens before any slice is read: only shuffled indices and
     augmentation seeds are drawn for the skipped samples."""
-    samples = tf.data.Dataset.from_tensor_slices(indices)
-    samples = samples.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True).repeat()
+    samples = sample_stream(indices, seed, tumor_indices, tumor_share)
     augment_seeds = tf.data.Dataset.random(seed=seed).batch(2)
     samples = tf.data.Dataset.zip(samples, augment_seeds).skip(skip_samples)
     read = _reader(imgs, msks, neighbours)

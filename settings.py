@@ -60,6 +60,10 @@ BATCH_SIZE = 32  # per worker; the global batch is BATCH_SIZE x number of worker
 # Dice per region; False: one Dice pooled over the regions, where the whole tumor (the
 # largest) drowns the enhancing tumor (a few percent of it). See model.soft_dice_loss.
 DICE_PER_REGION = True
+# Share of the training samples drawn from the slices that contain tumor (the rest from every
+# brain slice, tumor or not), as nnU-Net forces a third of its patches onto foreground; 0
+# samples every slice alike. Most brain slices hold no tumor.
+TUMOR_SAMPLE_SHARE = 0.0
 # Random intensity changes per training slice and modality, on top of the flips and
 # rotations: brain voxels scaled by 1 + u and shifted by v, u and v uniform in +-this
 # (z-score units). Scanners and protocols change contrast and offset after normalization

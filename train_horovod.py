@@ -44,14 +44,15 @@ import model as unet
 from brainseg import checkpoints, cli, context, dataset, folders, hardware, metrics, watchdog
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE",
-            "DICE_PER_REGION", "INTENSITY_AUGMENTATION", "CONTEXT_SLICES", "LEARNING_RATE",
-            "WARMUP_EPOCHS",
-            "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH", "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
+            "DICE_PER_REGION", "TUMOR_SAMPLE_SHARE", "INTENSITY_AUGMENTATION", "CONTEXT_SLICES",
+            "LEARNING_RATE", "WARMUP_EPOCHS", "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH",
+            "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
             "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION", "EARLY_STOPPING_PATIENCE",
             "TIMELINE", "HOROVOD_CYCLE_TIME_MS", "STALL_TIMEOUT_SECONDS"]
 HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled by workers",
         "STEPS_PER_EPOCH": "0 = one pass over the largest shard",
         "CONTEXT_SLICES": "neighbouring slices on each side fed as extra channels (2.5D)",
+        "TUMOR_SAMPLE_SHARE": "share of samples drawn from slices with tumor; 0 = uniform",
         "PRECISION": "auto | float32 | mixed_bfloat16",
         "EARLY_STOPPING_PATIENCE": "epochs without a better validation Dice; 0 = never",
         "TIMELINE": "write a Horovod timeline (Chrome trace) to this file",
@@ -250,10 +251,14 @@ def sharded_datasets(args, imgs_train, msks_train, imgs_test, msks_test, samples
     neighbours = {split: context.split_neighbours(manifest, split, len(imgs),
                                                   args.CONTEXT_SLICES)
                   for split, imgs in (("train", imgs_train), ("test", imgs_test))}
+    shard = data.shard_indices(len(imgs_train), hvd.rank(), hvd.size())
+    shard_tumor = (np.intersect1d(shard, data.tumor_rows(msks_train))
+                   if args.TUMOR_SAMPLE_SHARE else None)
     train_batches = iter(data.training_dataset(
-        imgs_train, msks_train, data.shard_indices(len(imgs_train), hvd.rank(), hvd.size()),
-        args.BATCH_SIZE, seed=args.SEED + hvd.rank(), skip_samples=samples_done,
-        intensity_augmentation=args.INTENSITY_AUGMENTATION, neighbours=neighbours["train"]))
+        imgs_train, msks_train, shard, args.BATCH_SIZE, seed=args.SEED + hvd.rank(),
+        skip_samples=samples_done, intensity_augmentation=args.INTENSITY_AUGMENTATION,
+        neighbours=neighbours["train"], tumor_indices=shard_tumor,
+        tumor_share=args.TUMOR_SAMPLE_SHARE))
     test_batches = data.evaluation_dataset(
         imgs_test, msks_test, data.shard_indices(len(imgs_test), hvd.rank(), hvd.size()),
         args.BATCH_SIZE, neighbours=neighbours["test"])

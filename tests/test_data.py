@@ -163,3 +163,53 @@ def test_intensity_augmentation_scales_and_shifts_each_modality_inside_the_brain
         assert abs(scale - 1) > 1e-4 or abs(shift) > 1e-4
     other, _ = data.augment(image, mask, np.array([6, 1]), intensity=0.2)
     assert not np.allclose(np.sort(other.numpy().ravel()), np.sort(changed_image.ravel()))
+
+
+def test_tumor_rows_are_found_in_memory_and_in_a_memory_map(tmp_path):
+    msks = np.zeros((9, 4, 4, 3), np.uint8)
+    msks[[1, 4, 8], 2, 3, 0] = 1
+    msks[6, 0, 0, 2] = 1  # only the last channel: still tumor
+    np.save(tmp_path / "msks.npy", msks)
+    mapped = np.load(tmp_path / "msks.npy", mmap_mode="r")
+    assert data.tumor_rows(msks).tolist() == [1, 4, 6, 8]
+    assert data.tumor_rows(mapped, rows_per_read=2).tolist() == [1, 4, 6, 8]
+
+
+def _tumor_share_of_stream(tumor_share, seed=3, samples=4000):
+    shard, tumor = np.arange(0, 200, 2), np.arange(0, 200, 20)  # 10 of 100 slices hold tumor
+    stream = data.sample_stream(shard, seed, tumor, tumor_share).take(samples)
+    drawn = np.fromiter((int(i) for i in stream.as_numpy_iterator()), int)
+    assert set(drawn.tolist()) <= set(shard.tolist())
+    return np.isin(drawn, tumor).mean(), drawn
+
+
+def test_tumor_oversampling_draws_the_asked_share_from_tumor_slices():
+    natural, uniform = _tumor_share_of_stream(0.0)
+    assert abs(natural - 0.10) < 0.02
+    oversampled, drawn = _tumor_share_of_stream(0.5)
+    assert abs(oversampled - (0.5 + 0.5 * 0.10)) < 0.03
+    assert len(set(drawn.tolist())) == 100  # every slice of the shard still comes
+    np.testing.assert_array_equal(drawn, _tumor_share_of_stream(0.5)[1])  # same seed, same draw
+
+
+def test_without_oversampling_the_stream_is_the_one_of_before():
+    """TUMOR_SAMPLE_SHARE = 0 must leave the batches, and so every earlier run, unchanged."""
+    import tensorflow as tf
+    shard = np.arange(3, 40, 3)
+    before = tf.data.Dataset.from_tensor_slices(shard).shuffle(
+        len(shard), seed=7, reshuffle_each_iteration=True).repeat().take(50)
+    after = data.sample_stream(shard, 7, np.array([3, 6]), 0.0).take(50)
+    assert list(before.as_numpy_iterator()) == list(after.as_numpy_iterator())
+
+
+def test_oversampled_training_resumes_on_the_same_batches():
+    imgs = np.random.default_rng(4).random((20, 8, 8, 4), dtype=np.float32)
+    msks = np.zeros((20, 8, 8, 1), np.uint8)
+    msks[[2, 12], 3, 3] = 1
+    shard, tumor, batch_size = np.arange(0, 20, 2), np.array([2, 12]), 2
+    kwargs = dict(seed=6, tumor_indices=tumor, tumor_share=0.5)
+    whole = [b[0].numpy() for b in
+             data.training_dataset(imgs, msks, shard, batch_size, **kwargs).take(6)]
+    resumed = [b[0].numpy() for b in data.training_dataset(
+        imgs, msks, shard, batch_size, skip_samples=4 * batch_size, **kwargs).take(2)]
+    np.testing.assert_array_equal(resumed, whole[4:])
