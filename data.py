@@ -97,14 +97,41 @@ def _reader(imgs, msks, neighbours=None):
     return read_in_graph
 
 
-def augment(image, mask, seed, intensity=0.0, modalities=None):
+def random_zoom_and_turn(image, mask, seed, max_scale, max_degrees):
+    """Image and mask scaled about the slice centre by a factor drawn from [1 - max_scale,
+    1 + max_scale] and turned by an angle drawn from +-max_degrees, as nnU-Net augments:
+    tumors of other sizes and orientations than the few training cases have. The image is
+    interpolated bilinearly with 0 (the background) outside; each mask channel too, then
+    thresholded at 1/2, which keeps the regions nested (a weighted mean of nested binary
+    masks is ordered the same way)."""
+    scale_seed, angle_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    scale = 1 + tf.random.stateless_uniform([], scale_seed, -max_scale, max_scale)
+    angle = tf.random.stateless_uniform([], angle_seed, -max_degrees, max_degrees) * math.pi / 180
+    height, width = image.shape[0], image.shape[1]
+    centre = tf.constant([(width - 1) / 2, (height - 1) / 2])
+    # Output pixel (x, y) is read from input centre + R(angle) (x, y - centre) / scale.
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    offset = centre - tf.stack([cos * centre[0] - sin * centre[1],
+                                sin * centre[0] + cos * centre[1]])
+    transform = tf.stack([cos, -sin, offset[0], sin, cos, offset[1], 0.0, 0.0])[tf.newaxis]
+    channels = image.shape[-1]
+    both = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.concat([image, tf.cast(mask, image.dtype)], axis=-1)[tf.newaxis],
+        transforms=transform, output_shape=[height, width], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+    return both[..., :channels], tf.cast(both[..., channels:] >= 0.5, mask.dtype)
+
+
+def augment(image, mask, seed, intensity=0.0, modalities=None, max_scale=0.0,
+            max_degrees=0.0):
     """A random left-right flip followed by a random number of 90-degree rotations: together
     they reach all 8 symmetries of the square. Image and mask are transformed together
     (concatenated), so the labels stay on their pixels. With intensity > 0, each modality's
     brain voxels are then scaled by 1 + u and shifted by v, u and v uniform in
     [-intensity, intensity]; the background stays 0. A 2.5D image (several slices of
     `modalities` channels each) gets each modality's change on every slice, inside that
-    slice's own brain."""
+    slice's own brain. With max_scale or max_degrees, the pair is then zoomed and turned
+    (random_zoom_and_turn), from a seed of its own: without, the batches are as before."""
     flip_seed, rotation_seed, intensity_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 3))
     both = tf.concat([image, mask], axis=-1)
@@ -114,6 +141,10 @@ def augment(image, mask, seed, intensity=0.0, modalities=None):
     both = tf.image.rot90(both, quarter_turns)
     channels = image.shape[-1]
     image, mask = both[..., :channels], both[..., channels:]
+    if max_scale or max_degrees:
+        image, mask = random_zoom_and_turn(
+            image, mask, tf.random.experimental.stateless_fold_in(seed, 3), max_scale,
+            max_degrees)
     if intensity and modalities not in (None, channels):  # 2.5D: [H, W, slices, modalities]
         scale_shift = tf.random.stateless_uniform([2, modalities], intensity_seed,
                                                   minval=-intensity, maxval=intensity)
@@ -149,11 +180,12 @@ def sample_stream(indices, seed, tumor_indices=None, tumor_share=0.0):
 
 def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0,
                      intensity_augmentation=0.0, neighbours=None, tumor_indices=None,
-                     tumor_share=0.0):
+                     tumor_share=0.0, max_scale=0.0, max_degrees=0.0):
     """Endless shuffled, augmented batches of the given shard; the caller takes
     steps_per_epoch() batches per epoch. The same seed gives the same batches. `neighbours`
     (brainseg/context.py's table for these arrays, None for one slice) makes 2.5D samples;
-    tumor_share draws that share of the samples from `tumor_indices` (sample_stream).
+    tumor_share draws that share of the samples from `tumor_indices` (sample_stream);
+    max_scale and max_degrees zoom and turn each sample (random_zoom_and_turn).
 
     skip_samples drops that many samples from the start of the stream: a run resumed after
     k epochs passes k x steps x batch size and sees exactly the batches the uninterrupted run
@@ -168,7 +200,8 @@ def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0,
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.map(lambda image, mask, aug_seed: augment(image, mask, aug_seed,
                                                                intensity_augmentation,
-                                                               modalities),
+                                                               modalities, max_scale,
+                                                               max_degrees),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 

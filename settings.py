@@ -64,6 +64,12 @@ DICE_PER_REGION = True
 # brain slice, tumor or not), as nnU-Net forces a third of its patches onto foreground; 0
 # samples every slice alike. Most brain slices hold no tumor.
 TUMOR_SAMPLE_SHARE = 0.0
+# Random zoom and turn of every training slice (and its mask), on top of the flips and
+# quarter turns: scaled by a factor in [1 - SCALE_AUGMENTATION, 1 + SCALE_AUGMENTATION] and
+# turned by up to ROTATION_AUGMENTATION_DEGREES either way, as nnU-Net augments: a few
+# training cases then show tumors of many sizes and orientations. 0 turns each off.
+SCALE_AUGMENTATION = 0.0
+ROTATION_AUGMENTATION_DEGREES = 0.0
 # Random intensity changes per training slice and modality, on top of the flips and
 # rotations: brain voxels scaled by 1 + u and shifted by v, u and v uniform in +-this
 # (z-score units). Scanners and protocols change contrast and offset after normalization

@@ -44,7 +44,8 @@ import model as unet
 from brainseg import checkpoints, cli, context, dataset, folders, hardware, metrics, watchdog
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE",
-            "DICE_PER_REGION", "TUMOR_SAMPLE_SHARE", "INTENSITY_AUGMENTATION", "CONTEXT_SLICES",
+            "DICE_PER_REGION", "TUMOR_SAMPLE_SHARE", "SCALE_AUGMENTATION",
+            "ROTATION_AUGMENTATION_DEGREES", "INTENSITY_AUGMENTATION", "CONTEXT_SLICES",
             "LEARNING_RATE", "WARMUP_EPOCHS", "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH",
             "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
             "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION", "EARLY_STOPPING_PATIENCE",
@@ -53,6 +54,8 @@ HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled
         "STEPS_PER_EPOCH": "0 = one pass over the largest shard",
         "CONTEXT_SLICES": "neighbouring slices on each side fed as extra channels (2.5D)",
         "TUMOR_SAMPLE_SHARE": "share of samples drawn from slices with tumor; 0 = uniform",
+        "SCALE_AUGMENTATION": "zoom each training slice by 1 +- up to this; 0 = off",
+        "ROTATION_AUGMENTATION_DEGREES": "turn each training slice by up to this; 0 = off",
         "PRECISION": "auto | float32 | mixed_bfloat16",
         "EARLY_STOPPING_PATIENCE": "epochs without a better validation Dice; 0 = never",
         "TIMELINE": "write a Horovod timeline (Chrome trace) to this file",
@@ -258,7 +261,8 @@ def sharded_datasets(args, imgs_train, msks_train, imgs_test, msks_test, samples
         imgs_train, msks_train, shard, args.BATCH_SIZE, seed=args.SEED + hvd.rank(),
         skip_samples=samples_done, intensity_augmentation=args.INTENSITY_AUGMENTATION,
         neighbours=neighbours["train"], tumor_indices=shard_tumor,
-        tumor_share=args.TUMOR_SAMPLE_SHARE))
+        tumor_share=args.TUMOR_SAMPLE_SHARE, max_scale=args.SCALE_AUGMENTATION,
+        max_degrees=args.ROTATION_AUGMENTATION_DEGREES))
     test_batches = data.evaluation_dataset(
         imgs_test, msks_test, data.shard_indices(len(imgs_test), hvd.rank(), hvd.size()),
         args.BATCH_SIZE, neighbours=neighbours["test"])

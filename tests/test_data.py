@@ -202,14 +202,47 @@ def test_without_oversampling_the_stream_is_the_one_of_before():
     assert list(before.as_numpy_iterator()) == list(after.as_numpy_iterator())
 
 
-def test_oversampled_training_resumes_on_the_same_batches():
+def test_oversampled_zoomed_training_resumes_on_the_same_batches():
     imgs = np.random.default_rng(4).random((20, 8, 8, 4), dtype=np.float32)
     msks = np.zeros((20, 8, 8, 1), np.uint8)
     msks[[2, 12], 3, 3] = 1
     shard, tumor, batch_size = np.arange(0, 20, 2), np.array([2, 12]), 2
-    kwargs = dict(seed=6, tumor_indices=tumor, tumor_share=0.5)
+    kwargs = dict(seed=6, tumor_indices=tumor, tumor_share=0.5, max_scale=0.2, max_degrees=20)
     whole = [b[0].numpy() for b in
              data.training_dataset(imgs, msks, shard, batch_size, **kwargs).take(6)]
     resumed = [b[0].numpy() for b in data.training_dataset(
         imgs, msks, shard, batch_size, skip_samples=4 * batch_size, **kwargs).take(2)]
     np.testing.assert_array_equal(resumed, whole[4:])
+
+
+def test_zoom_and_turn_move_image_and_mask_together_and_keep_regions_nested():
+    import tensorflow as tf
+    yy, xx = np.mgrid[:48, :48]
+    distance = np.hypot(yy - 14.0, xx - 32.0)  # 13 pixels off-centre: turning moves it
+    regions = np.stack([distance < r for r in (9, 6, 3)], axis=-1).astype(np.float32)
+    image = np.concatenate([regions, 2 * regions[..., :1]], axis=-1)  # channels = the masks
+    moved = set()
+    for seed in range(12):
+        augmented_image, augmented_mask = (t.numpy() for t in data.random_zoom_and_turn(
+            tf.constant(image), tf.constant(regions), tf.constant([seed, 0]), 0.2, 30.0))
+        whole, core, enhancing = (augmented_mask[..., k].astype(bool) for k in range(3))
+        assert (enhancing <= core).all() and (core <= whole).all()
+        # The image went through the same transform: its channels threshold to the masks.
+        np.testing.assert_array_equal(augmented_image[..., :3] >= 0.5, augmented_mask > 0)
+        area = whole.sum() / (regions[..., 0] > 0).sum()
+        assert 0.8 ** 2 * 0.9 < area < 1.2 ** 2 * 1.1  # zoomed by at most 20%
+        moved.add(tuple(np.argwhere(enhancing).mean(axis=0).round().astype(int)))
+    assert len(moved) > 6  # the lesion's centre ends in many places
+
+
+def test_zoom_and_turn_of_zero_is_the_identity_and_off_by_default():
+    import tensorflow as tf
+    image = np.random.default_rng(5).random((16, 16, 4)).astype(np.float32)
+    mask = (image[..., :1] > 0.5).astype(np.float32)
+    same_image, same_mask = data.random_zoom_and_turn(
+        tf.constant(image), tf.constant(mask), tf.constant([1, 2]), 0.0, 0.0)
+    np.testing.assert_allclose(same_image, image, atol=1e-5)
+    np.testing.assert_array_equal(same_mask, mask)
+    plain = data.augment(image, mask, tf.constant([3, 4]))
+    explicit = data.augment(image, mask, tf.constant([3, 4]), max_scale=0.0, max_degrees=0.0)
+    np.testing.assert_array_equal(plain[0], explicit[0])
