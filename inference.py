@@ -160,20 +160,19 @@ def predict(model, imgs, batch_size, flips=False):
     return probabilities, seconds
 
 
-def lesion_scores(truth, labels, spacing, label_mode, args):
-    """Lesion-wise scores of the written label map when asked for (regions models only):
-    truth is the [..., K] target channels, turned back into labels for the package."""
+def lesion_scores(truth_labels, labels, spacing, label_mode, args):
+    """Lesion-wise scores of the written label map against the true one, when asked for
+    (regions models only; both internal label maps)."""
     if not args.LESION_WISE or label_mode != "regions":
         return None
-    return metrics.lesion_wise(preprocessing.labels_from_targets(truth, label_mode), labels,
-                               spacing)
+    return metrics.lesion_wise(truth_labels, labels, spacing)
 
 
-def segmentation(masks, spacing, label_mode, args):
-    """Thresholded target channels [..., K] -> the post-processed internal label map that is
-    written, and the target channels of that map, which are what is scored."""
-    labels = postprocessing.postprocess(preprocessing.labels_from_targets(masks, label_mode),
-                                        spacing, args.MIN_LESION_MM3, args.MIN_ENHANCING_MM3)
+def segmentation(labels, spacing, label_mode, args):
+    """The predicted internal label map -> the post-processed one that is written, and the
+    target channels [..., K] of that map, which are what is scored."""
+    labels = postprocessing.postprocess(labels, spacing, args.MIN_LESION_MM3,
+                                        args.MIN_ENHANCING_MM3)
     return labels, preprocessing.targets(labels, label_mode).astype(bool)
 
 
@@ -230,11 +229,14 @@ def infer_arrays(model, args, output):
         spacing = preprocessing.slice_spacing(entry.get("spacing", [1.0, 1.0, 1.0]),
                                               entry["crop_box"][2], options.image_size)
         truth = msks[first:end].astype(bool)
-        labels, prediction = segmentation(predictions[first:end], spacing, options.label_mode,
-                                          args)
+        labels, prediction = segmentation(
+            preprocessing.labels_from_targets(predictions[first:end], options.label_mode),
+            spacing, options.label_mode, args)
         predictions[first:end] = prediction
         row = metrics.score_case(entry["case"], end - first, truth, prediction, regions, spacing,
-                                 lesion_scores(truth, labels, spacing, options.label_mode, args))
+                                 lesion_scores(preprocessing.labels_from_targets(
+                                     truth, options.label_mode), labels, spacing,
+                                     options.label_mode, args))
         rows.append(row)
         print(f"  {entry['case']:<28} {row['slices']:4d} slices  "
               f"{metrics.case_scores(row, regions)}")
@@ -316,14 +318,18 @@ def segment_case(model, case, options, args, output, context_slices=0, clock=Non
         slice_probabilities, seconds = predict(model, imgs, args.INFERENCE_BATCH_SIZE,
                                                args.TEST_TIME_FLIPS)
     with clock("postprocess"):
-        probabilities = preprocessing.to_volume(slice_probabilities, geometry, image.shape[:3])
         spacing = nifti.canonical_grid(reference).zooms  # the axes of `image`, not the file's
-        internal, masks = segmentation(probabilities > 0.5, spacing, options.label_mode, args)
+        internal, masks = segmentation(
+            preprocessing.to_label_volume(slice_probabilities, geometry, image.shape[:3],
+                                          options.label_mode),
+            spacing, options.label_mode, args)
         release = layouts.to_release_labels(internal, case.layout)
     with clock("write"):
         output.write(f"{case.case_id}.nii.gz",
                      lambda path: nib.save(layouts.like_reference(release, reference), path))
         if args.probabilities:
+            probabilities = preprocessing.to_volume(slice_probabilities, geometry,
+                                                    image.shape[:3])
             squeezed = probabilities[..., 0] if probabilities.shape[-1] == 1 else probabilities
             output.write(f"{case.case_id}_probabilities.nii.gz",
                          lambda path: nib.save(layouts.like_reference(squeezed, reference),
@@ -336,7 +342,7 @@ def segment_case(model, case, options, args, output, context_slices=0, clock=Non
         truth = preprocessing.targets(labels, options.label_mode).astype(bool)
         row = metrics.score_case(case.case_id, len(imgs), truth, masks, options.target_names,
                                  spacing,
-                                 lesion_scores(truth, internal, spacing, options.label_mode,
+                                 lesion_scores(labels, internal, spacing, options.label_mode,
                                                args))
     print(f"  {metrics.case_scores(row, options.target_names)}")
     return row, (np.moveaxis(image[..., FLAIR], 2, 0), np.moveaxis(truth, 2, 0),

@@ -18,10 +18,11 @@ import dataclasses
 import numpy as np
 import scipy.ndimage
 
+TUMOR_LABELS = (1, 2, 4)  # every internal label but the background
 LABEL_MODES = {
     # name -> target channels, each the set of internal labels (1 core, 2 edema, 4 enhancing)
-    "whole_tumor": {"whole_tumor": (1, 2, 4)},
-    "regions": {"whole_tumor": (1, 2, 4), "tumor_core": (1, 4), "enhancing_tumor": (4,)},
+    "whole_tumor": {"whole_tumor": TUMOR_LABELS},
+    "regions": {"whole_tumor": TUMOR_LABELS, "tumor_core": (1, 4), "enhancing_tumor": (4,)},
 }
 SLICE_POLICIES = ("brain", "all")
 CROP_MODES = ("center", "brain_box")
@@ -256,6 +257,21 @@ def to_volume(slice_values, geometry, shape):
     return volume
 
 
+def to_label_volume(slice_probabilities, geometry, shape, label_mode, threshold=0.5):
+    """The [X, Y, Z] internal label map of the model's [N, S, S, K] probabilities on the
+    case's grid: labels_from_targets(to_volume(...) > threshold), computed in the crop box of
+    the kept slices and then placed in a zero volume. Outside the box to_volume writes 0,
+    below any threshold, so the map is the same; but no full-size float volume of K channels
+    is made, thresholded and scanned (the box is half a BraTS grid, the labels a twelfth of
+    the probabilities' bytes)."""
+    top, left, side = geometry["crop_box"]
+    box_labels = labels_from_targets(resample_back(slice_probabilities, side, order=1)
+                                     > threshold, label_mode)
+    labels = np.zeros(shape, np.uint8)
+    labels[top:top + side, left:left + side, slice_index(geometry["slices"])] = box_labels
+    return labels
+
+
 def slice_spacing(spacing, crop_side, image_size):
     """(slice thickness, pixel, pixel) in mm of a case's resampled slices, from the scan's
     voxel spacing (x, y, z) and the crop side that became image_size pixels."""
@@ -265,14 +281,21 @@ def slice_spacing(spacing, crop_side, image_size):
 
 
 def targets(labels, label_mode):
-    """[X, Y, Z] internal labels -> [X, Y, Z, K] uint8 target channels. One lookup per voxel
-    in a table of the channels of every label value (2.6x faster than a membership test per
-    channel on a BraTS grid; the labels were checked to be internal ones)."""
+    """[X, Y, Z] internal labels -> [X, Y, Z, K] uint8 target channels. Each channel is a
+    comparison or two written into its place: 0.023 s on a BraTS grid, where a lookup in a
+    table of every label value's channels took 0.13 s and np.isin longer. The labels were
+    checked to be internal ones, so whole tumor is simply "not background"."""
     channels = LABEL_MODES[label_mode].values()
-    table = np.zeros((256, len(channels)), np.uint8)
+    result = np.empty((*labels.shape, len(channels)), np.uint8)
     for k, members in enumerate(channels):
-        table[list(members), k] = 1
-    return table[labels]
+        if members == TUMOR_LABELS:
+            result[..., k] = labels != 0
+            continue
+        channel = labels == members[0]
+        for member in members[1:]:
+            channel |= labels == member
+        result[..., k] = channel
+    return result
 
 
 def labels_from_targets(masks, label_mode):
@@ -281,11 +304,13 @@ def labels_from_targets(masks, label_mode):
     label of the innermost region predicted there. A whole-tumor mask becomes label 1."""
     if label_mode == "whole_tumor":
         return masks[..., 0].astype(np.uint8)
-    whole_tumor, core, enhancing = (masks[..., k] for k in range(3))
-    labels = np.zeros(masks.shape[:-1], np.uint8)
-    labels[whole_tumor | core | enhancing] = 2
-    labels[core | enhancing] = 1
-    labels[enhancing] = 4
+    whole_tumor, core, enhancing = (masks[..., k].astype(bool, copy=False) for k in range(3))
+    core = core | enhancing
+    # 2 in the whole tumor, 1 lower in the core, 3 higher where it enhances: 2, 1 and 4, in
+    # uint8 arithmetic (3x faster than three masked assignments)
+    labels = (whole_tumor | core).view(np.uint8) * np.uint8(2)
+    labels -= core.view(np.uint8)
+    labels += enhancing.view(np.uint8) * np.uint8(3)
     return labels
 
 

@@ -66,6 +66,15 @@ def test_region_targets_are_nested():
     np.testing.assert_array_equal(regions, [[0, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
 
 
+@pytest.mark.parametrize("label_mode", ["regions", "whole_tumor"])
+def test_targets_are_each_channels_membership_of_the_label(label_mode):
+    labels = np.random.default_rng(7).choice([0, 1, 2, 4], (9, 8, 7)).astype(np.uint8)
+    actual = preprocessing.targets(labels, label_mode)
+    assert actual.dtype == np.uint8
+    for k, members in enumerate(preprocessing.LABEL_MODES[label_mode].values()):
+        np.testing.assert_array_equal(actual[..., k], np.isin(labels, members))
+
+
 @pytest.mark.parametrize("crop_mode", ["center", "brain_box"])
 def test_slices_put_back_on_the_original_grid_match_the_truth(crop_mode):
     """The ground truth through the same preprocessing and back: what a perfect model's
@@ -80,6 +89,18 @@ def test_slices_put_back_on_the_original_grid_match_the_truth(crop_mode):
     assert truth.any(axis=(0, 1, 2)).all()
     # A one-voxel shift of the whole tumor already drops its Dice to 0.87 on this case.
     assert dices[0] > 0.95 and min(dices) > 0.85, dices
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8])
+def test_each_voxel_takes_the_innermost_region_predicted_there(dtype):
+    """A model may predict an inner region without the outer ones: enhancing wins over
+    core, core over whole tumor, whatever the other channels say."""
+    combinations = np.array([[w, c, e] for w in (0, 1) for c in (0, 1) for e in (0, 1)])
+    expected = [4 if e else 1 if c else 2 if w else 0 for w, c, e in combinations]
+    masks = combinations.reshape(2, 4, 1, 3).astype(dtype)
+    labels = preprocessing.labels_from_targets(masks, "regions")
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels.ravel(), expected)
 
 
 @pytest.mark.parametrize("layout,expected", [("brats2020", {0, 1, 2, 4}),
@@ -192,3 +213,18 @@ def test_to_volume_writes_the_box_of_the_kept_slices(kept):
     expected[:, :, kept] = preprocessing.from_slices(values, (3, 5, 24), (32, 34), order=1)
     np.testing.assert_array_equal(preprocessing.to_volume(values, geometry, (32, 34, 12)),
                                   expected)
+
+
+@pytest.mark.parametrize("kept", [[3, 4, 5, 6], [2, 5, 6, 9]], ids=["consecutive", "gaps"])
+@pytest.mark.parametrize("label_mode", ["regions", "whole_tumor"])
+def test_the_label_volume_is_the_thresholded_probability_volume(kept, label_mode):
+    """to_label_volume works in the crop box only: the same map as thresholding the
+    full-size probability volume and turning its channels into labels."""
+    channels = len(preprocessing.LABEL_MODES[label_mode])
+    values = np.random.default_rng(6).random((len(kept), 16, 16, channels), dtype=np.float32)
+    geometry = {"slices": np.array(kept), "crop_box": (3, 5, 24)}
+    expected = preprocessing.labels_from_targets(
+        preprocessing.to_volume(values, geometry, (32, 34, 12)) > 0.5, label_mode)
+    actual = preprocessing.to_label_volume(values, geometry, (32, 34, 12), label_mode)
+    assert actual.dtype == np.uint8 and set(np.unique(actual)) > {0}
+    np.testing.assert_array_equal(actual, expected)
