@@ -9,8 +9,8 @@ the first epochs (large rates destabilize an untrained network) and then decayed
 
 After every epoch rank 0 checkpoints the model, optimizer and progress
 (brainseg/checkpoints.py); rerunning the same command with the same --train-dir resumes
-from the last checkpoint, and TRAIN_DIR/model.keras is always the best epoch by validation Dice, ready for
-inference.py. Training stops early when validation Dice stops improving.
+from the last checkpoint, and TRAIN_DIR/model.keras is always the best epoch by validation
+Dice, ready for inference.py. Training stops early when validation Dice stops improving.
 
 Why a loop of our own rather than Keras' fit() with a train_step override: Horovod's
 DistributedGradientTape and DistributedOptimizer do not work with Keras 3 variables and

@@ -16,9 +16,10 @@ held-out cases, the worst case, the training time and images per second.
 
 The seed fixes the cases, the split, the initial weights and the batches; inference on a
 trained model reproduces every figure, but training repeated on the same data differed in
-the 4th decimal of its first-epoch loss (README), so small differences may be noise. Everything is kept in --work-dir and reused by the next run with the same seed,
-case counts, flags and settings.py defaults: an ablation of --inference-flags alone (post-processing, test-time
-flips) costs only its inference, since train_horovod.py returns at once on a finished run
+the 4th decimal of its first-epoch loss (README), so small differences may be noise.
+Everything is kept in --work-dir and reused by the next run with the same seed, case counts,
+flags and settings.py defaults: an ablation of --inference-flags alone (post-processing,
+test-time flips) costs only its inference, since train_horovod.py returns at once on a finished run
 (the training time reported is then the one logged when it trained).
 """
 import argparse

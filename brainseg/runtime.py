@@ -2,8 +2,8 @@
 
 OpenVINO predicts the same masks faster on a CPU (measured with bench/inference.py on a
 quiet 2-core AVX512_BF16 host without AMX: 1.16x TensorFlow float32 in float32, 2.28x in
-bfloat16, where TensorFlow's own bfloat16 reached 1.50x at batch 64). INFERENCE_RUNTIME = "auto" uses
-it when the `openvino` package is installed, TensorFlow otherwise.
+bfloat16, where TensorFlow's own bfloat16 reached 1.50x at batch 64). INFERENCE_RUNTIME =
+"auto" uses it when the `openvino` package is installed, TensorFlow otherwise.
 
 OpenVINO runs a model converted to its own format (IR: an .xml graph and a .bin of weights).
 Converting takes seconds and needs TensorFlow, so it is done once per checkpoint and the IR
@@ -55,8 +55,8 @@ def openvino_precision(precision, cpuinfo_path="/proc/cpuinfo"):
     """OpenVINO's INFERENCE_PRECISION_HINT for an INFERENCE_PRECISION setting. "auto" is
     bfloat16 wherever the CPU computes it in hardware (AVX512_BF16 or AMX), unlike
     TensorFlow's "auto" (AMX only): OpenVINO's bfloat16 kernels were measured 1.97x faster
-    than its float32 ones without AMX (259 against 132 slices/s), with masks agreeing with TensorFlow float32 at
-    Dice 0.9996 (this is also OpenVINO's own default on such CPUs)."""
+    than its float32 ones without AMX (259 against 132 slices/s), with masks agreeing with
+    TensorFlow float32 at Dice 0.9996 (this is also OpenVINO's own default on such CPUs)."""
     if precision == "auto":
         return "bf16" if hardware.cpu_supports_bfloat16(cpuinfo_path) else "f32"
     if precision not in OPENVINO_PRECISIONS:

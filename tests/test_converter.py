@@ -288,7 +288,7 @@ def test_strict_fails_on_any_skipped_case_and_writes_nothing(raw_copy, tmp_path)
     assert not os.path.exists(tmp_path / "out")
 
 
-# --- Parallel runs (interrupted ones: test_faults_conversion.py) ------------------------------------------------------------
+# --- Parallel runs (interrupted ones: test_faults_conversion.py) -----------------------------
 
 def test_parallel_output_is_byte_identical_to_serial(raw_dir, tmp_path):
     convert(raw_dir, tmp_path / "serial", "--workers", "1")

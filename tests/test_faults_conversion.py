@@ -88,7 +88,8 @@ def test_a_killed_conversion_leaves_the_previous_dataset_whole_and_no_worker(
     process = subprocess.Popen(converter_command(many_cases, out_dir, "--workers", "2"),
                                cwd=REPO_DIR, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    staged = lambda: [name for name in os.listdir(out_dir.parent) if ".staging." in name]
+    def staged():
+        return [name for name in os.listdir(out_dir.parent) if ".staging." in name]
     assert wait_for(lambda: staged() and len(children(process.pid)) >= 2), \
         "the conversion never started its workers"
     workers = children(process.pid)

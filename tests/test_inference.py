@@ -210,8 +210,9 @@ def test_predictions_are_not_named_like_label_maps(checkpoint, release, tmp_path
     inference.main(["--input", str(release), "--checkpoint", checkpoint,
                     "--output-dir", str(tmp_path / "out")])
     predictions = [name for name in os.listdir(tmp_path / "out") if name.endswith(".nii.gz")]
-    assert predictions and all(name == f"{case}.nii.gz" for name, case in
-                               zip(sorted(predictions), sorted(glob.glob("BraTS*", root_dir=release))))
+    cases = sorted(glob.glob("BraTS*", root_dir=release))
+    assert predictions and all(name == f"{case}.nii.gz"
+                               for name, case in zip(sorted(predictions), cases))
     for layout in [layout for layout in layouts.LAYOUTS.values() if layout.file_names]:
         label_suffix = layout.separator + layout.file_names["seg"] + ".nii"
         assert not any(label_suffix in name for name in predictions)

@@ -44,7 +44,8 @@ def test_dice_on_known_overlaps():
     smooth = unet.SMOOTH
     assert float(unet.dice_coefficient(truth, truth)) == pytest.approx(1.0)
     assert float(unet.dice_coefficient(truth, half)) == pytest.approx((4 + smooth) / (8 + smooth))
-    assert float(unet.dice_coefficient(truth, masks((3, 3)))) == pytest.approx(smooth / (5 + smooth))
+    assert float(unet.dice_coefficient(truth, masks((3, 3)))) == pytest.approx(
+        smooth / (5 + smooth))
     assert float(unet.dice_coefficient(masks(), masks())) == 1.0  # both empty: perfect
     assert metrics.dice_from_sums(2, 8, smooth) == pytest.approx((4 + smooth) / (8 + smooth))
 

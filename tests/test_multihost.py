@@ -104,9 +104,9 @@ def test_training_across_three_hosts_over_tcp(make_cluster, converted_dir, tmp_p
     assert sorted(prints) == ["0", "1", "2"], output
     assert len(set(prints.values())) == 1, prints
 
-    model = keras.models.load_model(f"{node_disk}@{cluster.namespaces[0]}/run/model.keras",
-                                    compile=False)
-    gradient_bytes = 4 * model.count_params()
+    trained = keras.models.load_model(f"{node_disk}@{cluster.namespaces[0]}/run/model.keras",
+                                      compile=False)
+    gradient_bytes = 4 * trained.count_params()
     for i in (1, 2):
         # Each step every rank sends at least its whole gradient once, over the bridge.
         sent = cluster.transmitted_bytes(i) - sent_before[i]

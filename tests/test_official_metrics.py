@@ -241,7 +241,8 @@ def test_lesion_wise_matches_the_official_parsers_on_the_same_files(evaluated):
                                 ("hd95_mm", mets[f"lesionwise_hd95_mean_{group}"]),
                                 ("matched_dice", seg[f"lesionwise_dsc_mean_{group}"]),
                                 ("matched_hd95_mm", seg[f"lesionwise_hd95_mean_{group}"])):
-                assert ours[key] == pytest.approx(parsed, abs=1e-9, nan_ok=True), (name, region, key)
+                assert ours[key] == pytest.approx(parsed, abs=1e-9, nan_ok=True), \
+                    (name, region, key)
 
 
 def test_lesion_wise_on_the_tumor_box_equals_the_full_grid():
