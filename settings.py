@@ -62,7 +62,8 @@ BATCH_SIZE = 32  # per worker; the global batch is BATCH_SIZE x number of worker
 DICE_PER_REGION = True
 # Share of the training samples drawn from the slices that contain tumor (the rest from every
 # brain slice, tumor or not), as nnU-Net forces a third of its patches onto foreground; 0
-# samples every slice alike. Most brain slices hold no tumor.
+# samples every slice alike. Measured at 0.33 on the realistic benchmark, where 53% of the
+# slices hold tumor anyway: TC -0.019 on seed 1, +0.008 on seed 2, WT and ET within 0.003: off.
 TUMOR_SAMPLE_SHARE = 0.0
 # Random zoom and turn of every training slice (and its mask), on top of the flips and
 # quarter turns: scaled by a factor in [1 - SCALE_AUGMENTATION, 1 + SCALE_AUGMENTATION] and
