@@ -36,42 +36,46 @@ def row_reader(array):
     mapping goes, so an epoch through the map would grow every rank's RSS by up to the size of
     the dataset. pread goes through the same page cache, which the kernel shares and evicts,
     but maps nothing. Arrays already in memory (small data, tests) are indexed."""
-    if not (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap)):
+    if not is_file_map(array):
         # In memory, or a view of a map (its .offset is the parent's): index it.
         return lambda index: np.asarray(array[index], dtype=np.float32)
     if not array.flags.c_contiguous:
         raise ValueError(f"{array.filename}: rows must be stored contiguously (C order)")
     file = open(array.filename, "rb", buffering=0)  # closed with the reader
-    row_shape, row_bytes = array.shape[1:], array[:1].nbytes
 
     def read(index):
-        row = np.empty(row_shape, array.dtype)
-        offset = array.offset + int(index) * row_bytes
-        if os.preadv(file.fileno(), [row], offset) != row_bytes:
-            raise ValueError(f"{array.filename}: row {index} ends past the end of the file "
-                             f"(truncated?)")
-        return row.astype(np.float32, copy=False)
+        return pread_rows(file, array, int(index), 1)[0].astype(np.float32, copy=False)
     return read
+
+
+def is_file_map(array):
+    """True for an array memory-mapped from its .npy file (np.load(mmap_mode=...))."""
+    return isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap)
+
+
+def pread_rows(file, array, start, count):
+    """Rows start .. start + count - 1 of a memory-mapped array, read from its open file
+    with os.pread into a new array: through the page cache, nothing mapped."""
+    rows = np.empty((count, *array.shape[1:]), array.dtype)
+    if os.preadv(file.fileno(), [rows], array.offset + start * array[:1].nbytes) != rows.nbytes:
+        where = f"row {start}" if count == 1 else f"rows {start}-{start + count - 1}"
+        raise ValueError(f"{array.filename}: {where} ends past the end of the file "
+                         f"(truncated?)")
+    return rows
 
 
 def tumor_rows(msks, rows_per_read=4096):
     """Indices of the mask rows with any tumor pixel. Read in blocks with os.pread (see
     row_reader: a pass through the map would count the whole mask file as resident memory);
     4096 rows of 128x128x3 masks are 200 MB, read once at start-up."""
-    if not (isinstance(msks, np.memmap) and isinstance(msks.base, mmap.mmap)):
+    if not is_file_map(msks):
         return np.flatnonzero(np.asarray(msks).reshape(len(msks), -1).any(axis=1))
-    found = []
+    found = [np.zeros(0, np.int64)]
     with open(msks.filename, "rb", buffering=0) as file:
-        row_bytes = msks[:1].nbytes
         for start in range(0, len(msks), rows_per_read):
-            block = np.empty((min(rows_per_read, len(msks) - start), *msks.shape[1:]),
-                             msks.dtype)
-            if os.preadv(file.fileno(), [block], msks.offset + start * row_bytes) \
-                    != block.nbytes:
-                raise ValueError(f"{msks.filename}: rows {start}-{start + len(block)} end "
-                                 f"past the end of the file (truncated?)")
+            block = pread_rows(file, msks, start, min(rows_per_read, len(msks) - start))
             found.append(start + np.flatnonzero(block.reshape(len(block), -1).any(axis=1)))
-    return np.concatenate(found) if found else np.zeros(0, np.int64)
+    return np.concatenate(found)
 
 
 def _reader(imgs, msks, neighbours=None):

@@ -173,6 +173,9 @@ def test_tumor_rows_are_found_in_memory_and_in_a_memory_map(tmp_path):
     mapped = np.load(tmp_path / "msks.npy", mmap_mode="r")
     assert data.tumor_rows(msks).tolist() == [1, 4, 6, 8]
     assert data.tumor_rows(mapped, rows_per_read=2).tolist() == [1, 4, 6, 8]
+    os.truncate(tmp_path / "msks.npy", mapped.offset + 7 * 4 * 4 * 3)
+    with pytest.raises(ValueError, match="msks.npy.*rows 6-7"):
+        data.tumor_rows(mapped, rows_per_read=2)  # opened before the file was cut
 
 
 def _tumor_share_of_stream(tumor_share, seed=3, samples=4000):
