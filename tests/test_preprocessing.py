@@ -159,6 +159,20 @@ def test_preprocess_case_writes_the_bytes_of_the_whole_volume_reference(options)
                                            atol=tolerance)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 64])
+def test_threads_give_the_same_bytes(threads):
+    """Runs of slices done at once, on a case whose kept slices have a gap, more threads
+    than slices included: the same slices, byte for byte, as one thread."""
+    image, labels = case_image(6)
+    image[:, :, 20] = 0
+    options = preprocessing.Preprocessing(48, 96, "brain_box", "brain", "regions", "float16")
+    one = preprocessing.preprocess_case(image, labels, options)
+    many = preprocessing.preprocess_case(image, labels, options, threads=threads)
+    assert one[2] == many[2]
+    for expected, actual in zip(one[:2], many[:2]):
+        assert actual.dtype == expected.dtype and actual.tobytes() == expected.tobytes()
+
+
 def test_normalize_matches_the_whole_volume_reference_bit_for_bit():
     from bench import whole_volume
     image, _ = case_image(8)
