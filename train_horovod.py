@@ -255,8 +255,11 @@ def sharded_datasets(args, imgs_train, msks_train, imgs_test, msks_test, samples
                                                   args.CONTEXT_SLICES)
                   for split, imgs in (("train", imgs_train), ("test", imgs_test))}
     shard = data.shard_indices(len(imgs_train), hvd.rank(), hvd.size())
-    shard_tumor = (np.intersect1d(shard, data.tumor_rows(msks_train))
-                   if args.TUMOR_SAMPLE_SHARE else None)
+    shard_tumor = None
+    if args.TUMOR_SAMPLE_SHARE:
+        shard_tumor = np.intersect1d(shard, data.tumor_rows(msks_train))
+        log(f"Tumor-slice oversampling: {args.TUMOR_SAMPLE_SHARE:.0%} of the samples drawn "
+            f"from the {len(shard_tumor)} of {len(shard)} slices with tumor (rank 0's shard)")
     train_batches = iter(data.training_dataset(
         imgs_train, msks_train, shard, args.BATCH_SIZE, seed=args.SEED + hvd.rank(),
         skip_samples=samples_done, intensity_augmentation=args.INTENSITY_AUGMENTATION,
