@@ -1,7 +1,7 @@
 """Accuracy on realistic tumors: the benchmark every change to the training recipe is judged by.
 
     .venv/bin/python -m bench.accuracy --json runs/bench_accuracy.json [--seed 1]
-        [--train-cases 24] [--test-cases 8] [--name NAME]
+        [--train-cases 24] [--test-cases 8] [--name NAME] [--trained-dir DIR]
         [--convert-flags "..."] [--train-flags "..."] [--inference-flags "..."]
     .venv/bin/python -m bench.accuracy --table RESULT.json ...   (a markdown table of runs)
 
@@ -70,11 +70,14 @@ def convert(raw_dir, data_dir, convert_flags):
 
 
 def train(data_dir, train_dir, seed, train_flags):
-    """Trains as the README does (run_multinode.sh on hosts.txt); returns the seconds its
-    epochs took, their number, and the median images per second of the epochs after the
-    first (which traces graphs), all from its training log."""
+    """Trains as the README does (run_multinode.sh on hosts.txt)."""
     run(["./run_multinode.sh", "--no-preflight", "--", "--data-dir", data_dir,
          "--train-dir", train_dir, "--seed", str(seed), *train_flags])
+
+
+def training_figures(train_dir):
+    """The seconds a training run's epochs took, their number, and the median images per
+    second of the epochs after the first (which traces graphs), from its training log."""
     with open(os.path.join(train_dir, "training_log.csv")) as file:
         epochs = list(csv.DictReader(file))
     rates = [float(row["images_per_second"]) for row in epochs]
@@ -176,6 +179,10 @@ def main():
     parser.add_argument("--train-flags", default="", help="extra train_horovod.py flags")
     parser.add_argument("--inference-flags", default="", help="extra inference.py flags")
     parser.add_argument("--work-dir", default=os.path.join(REPO_DIR, "data", "bench_accuracy"))
+    parser.add_argument("--trained-dir",
+                        help="score the model this earlier training run left (its train_* "
+                             "folder) instead of training: more held-out cases for a recipe "
+                             "already measured; --train-flags then only document it")
     parser.add_argument("--table", nargs="+", metavar="RESULT",
                         help="print a markdown table of earlier --json results, run nothing")
     args = parser.parse_args()
@@ -191,12 +198,14 @@ def main():
                                          args.inference_flags))
     started = time.perf_counter()
 
-    # Data: training and held-out cases from different seeds, kept for the next run.
-    data_key = f"seed{args.seed}_{args.train_cases}+{args.test_cases}"
+    # Data: training and held-out cases from different seeds, kept for the next run. Case k
+    # of a seed is the same whatever the number of cases, so more held-out cases score the
+    # same trained models on a superset.
+    data_key = f"seed{args.seed}_{args.train_cases}"
     train_raw = generate(os.path.join(args.work_dir, data_key, "train_raw"), args.train_cases,
                          args.seed)
-    test_raw = generate(os.path.join(args.work_dir, data_key, "test_raw"), args.test_cases,
-                        args.seed + 1000)
+    test_raw = generate(os.path.join(args.work_dir, data_key, f"held_out_{args.test_cases}"),
+                        args.test_cases, args.seed + 1000)
     convert_recipe = [convert_flags, defaults_of("converter.py")]
     data_dir = convert(train_raw, os.path.join(args.work_dir, data_key,
                                                f"converted_{flags_key(*convert_recipe)}"),
@@ -206,17 +215,21 @@ def main():
     # inference.
     train_recipe = [*convert_recipe, train_flags, defaults_of("train_horovod.py"),
                     source_digest(TRAINING_SOURCES)]
-    train_dir = os.path.join(args.work_dir, data_key, f"train_{flags_key(*train_recipe)}")
+    train_dir = args.trained_dir or os.path.join(args.work_dir, data_key,
+                                                 f"train_{flags_key(*train_recipe)}")
     inference_dir = os.path.join(
-        args.work_dir, data_key,
-        f"inference_{args.name}_{flags_key(*train_recipe, inference_flags)}")
-    train_seconds, epochs, img_s = train(data_dir, train_dir, args.seed, train_flags)
+        args.work_dir, data_key, f"inference_{args.name}_{args.test_cases}_"
+                                 f"{flags_key(*train_recipe, inference_flags, train_dir)}")
+    if not args.trained_dir:
+        train(data_dir, train_dir, args.seed, train_flags)
+    train_seconds, epochs, img_s = training_figures(train_dir)
     inference_seconds, rows = segment(test_raw, train_dir, inference_dir, inference_flags)
     regions, worst = summarize(rows)
 
     result = {"name": args.name, "seed": args.seed, "train_cases": args.train_cases,
               "test_cases": args.test_cases, "convert_flags": convert_flags,
               "train_flags": train_flags, "inference_flags": inference_flags,
+              "train_dir": train_dir,
               "regions": regions, "worst_case": worst, "epochs": epochs,
               "train_seconds": train_seconds,
               "train_img_s": img_s, "inference_seconds": inference_seconds,
