@@ -79,6 +79,29 @@ def test_accuracy_cache_keys_follow_the_settings_defaults(monkeypatch):
     assert before != after
 
 
+def test_accuracy_pairs_two_recipes_case_by_case():
+    """bench/accuracy.py --against: the difference of two recipes on the same held-out cases,
+    with a bootstrap interval over the cases and the count of cases that gained and lost."""
+    from bench.accuracy import paired_difference
+
+    def result(name, tumor_core_dice):
+        return {"name": name, "per_case": [
+            {"case": f"case{number}", "tumor_core_dice": dice}
+            for number, dice in enumerate(tumor_core_dice)]}
+    reference = result("reference", [0.2, 0.5, 0.7, 0.9])
+    better = result("better", [0.3, 0.6, 0.8, 0.9])  # +0.1 on three cases, one unchanged
+    mean, low, high, gained, lost = paired_difference(reference, better, "tumor_core")
+    assert mean == pytest.approx(0.075) and (gained, lost) == (3, 0)
+    assert 0 <= low <= mean <= high <= 0.1 + 1e-9
+    assert paired_difference(reference, better, "tumor_core")[1:3] == (low, high)  # seeded
+    mixed = result("mixed", [0.6, 0.1, 0.7, 0.9])  # +0.4 and -0.4: no gain, a wide interval
+    mean, low, high, gained, lost = paired_difference(reference, mixed, "tumor_core")
+    assert mean == pytest.approx(0) and (gained, lost) == (1, 1) and low < -0.05 < 0.05 < high
+    other_cases = result("other", [0.2, 0.5, 0.7])
+    with pytest.raises(ValueError, match="different held-out cases"):
+        paired_difference(reference, other_cases, "tumor_core")
+
+
 def test_step_profile_sorts_ops_by_the_layer_they_belong_to_and_finds_idle_time():
     from bench import step_profile
 
