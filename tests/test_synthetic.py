@@ -176,6 +176,21 @@ def test_realistic_kind_writes_brats_cases_and_an_unknown_kind_is_refused(tmp_pa
         write_dataset(str(tmp_path), 1, seed=3, shape=SMALL_SHAPE, kind="photographic")
 
 
+def test_case_k_is_the_same_whatever_the_number_of_cases(tmp_path):
+    """bench/accuracy.py scores trained models on more held-out cases of a seed: the first
+    ones must be the cases it scored before, byte for byte."""
+    write_dataset(str(tmp_path / "one"), 1, seed=7, shape=SMALL_SHAPE, kind="realistic")
+    write_dataset(str(tmp_path / "two"), 2, seed=7, shape=SMALL_SHAPE, kind="realistic")
+    for name in ("flair", "seg"):
+        files = [tmp_path / count / case_id(1) / f"{case_id(1)}_{name}.nii.gz"
+                 for count in ("one", "two")]
+        first, again = (np.asarray(nib.load(path).dataobj) for path in files)
+        np.testing.assert_array_equal(first, again)
+    second = np.asarray(nib.load(tmp_path / "two" / case_id(2) / f"{case_id(2)}_seg.nii.gz")
+                        .dataobj)
+    assert not np.array_equal(second, again)
+
+
 def test_the_generator_refuses_a_folder_it_did_not_write(tmp_path):
     """Synthetic cases carry real BraTS IDs: they must not overwrite a user's release."""
     release = tmp_path / "release"
