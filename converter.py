@@ -31,7 +31,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from brainseg import cli, dataset, folders, layouts, preprocessing
+from brainseg import cli, dataset, folders, hardware, layouts, preprocessing
 
 SETTINGS = ["RAW_DIR", "DATA_DIR", "TRAIN_FRACTION", "SPLIT_SEED", "LAYOUT", "IMAGE_SIZE",
             "CROP_SIZE", "CROP_MODE", "SLICE_POLICY", "LABEL_MODE", "IMAGE_DTYPE",
@@ -182,6 +182,7 @@ def main(argv=None):
     if not cases:
         sys.exit(f"ERROR: {args.RAW_DIR}: a {layout} layout without any case in it")
     workers = args.CONVERT_WORKERS or len(os.sched_getaffinity(0))
+    hardware.keep_freed_memory()  # before the workers fork: they inherit it
     with_masks = any(case.label for case in cases)
     print(f"{len(cases)} cases in the {layout} layout; {workers} worker processes"
           + ("" if with_masks else "; no label maps: images only, all in the test split"))

@@ -11,11 +11,34 @@ Precision. Only AMX makes bfloat16 training faster than float32. Measured on thi
 convolutions themselves take 1.62x the time of its float32 avx512_core ones (casts and
 layout reorders: 6 ms of a 290 ms step in both). AMX tiles (Sapphire Rapids and later)
 roughly double the float32 rate. So PRECISION = "auto" reads the CPU flags at run time.
+
+Memory. glibc gives every block above 32 MB its own mapping and unmaps it when freed, so the
+next volume-sized array is page-faulted and zeroed by the kernel again: keep_freed_memory.
 """
+import ctypes
 import os
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 FAST_BF16_CPU_FLAGS = ("amx_bf16",)
+
+
+# mallopt(3) parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory():
+    """Serves large arrays from the heap and keeps freed heap memory for the next one, instead
+    of a fresh mapping per array that the kernel must fault in and zero again (glibc maps
+    every block above 32 MB and unmaps it on free). A process that makes the same few
+    volume-sized arrays case after case (the converter: 7 of every 8 page faults gone, 6 s of
+    system time on 32 BraTS cases down to 1-2.6) then reuses the same pages; its peak memory is
+    the same. Forked workers inherit it. Returns False where the C library is not glibc (it
+    then changes nothing)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 30))
 
 
 def cores_for_this_process(ranks_on_node=1):
