@@ -73,12 +73,22 @@ def bounding_box(mask, margin=0):
     return tuple(box)
 
 
+def memory_order(volume):
+    """The axes of a 3-D volume from the slowest-varying in memory to the fastest: (2, 1, 0)
+    for a NIfTI volume (x fastest), (0, 1, 2) for a C-order one. Walking a volume in this
+    order reads it front to back; in the other, every step jumps a whole plane."""
+    return tuple(int(axis) for axis in np.argsort(volume.strides[:3], kind="stable")[::-1])
+
+
 def brain_statistics(image, brain):
     """(means, stds): float32 per channel over the brain voxels (std 1 for a constant or
     empty channel), which normalization divides by. The voxels are gathered from the
-    brain's bounding box: the same values in the same order as from the whole volume, so
-    the same float32 sums, with a third of the reading. Values beyond max_intensity overflow
+    brain's bounding box in memory order (2.5x faster on a BraTS case than in the axes'
+    order, which crosses the volume at every step): the same voxels, summed in another
+    order, so the same statistics to float32 rounding. Values beyond max_intensity overflow
     the float32 sums, which raises ValueError instead of writing NaN."""
+    axes = memory_order(brain)
+    brain, image = brain.transpose(axes), image.transpose(*axes, 3)
     box = bounding_box(brain)
     inside = brain[box]
     means, stds = [], []
@@ -97,11 +107,15 @@ def brain_statistics(image, brain):
 def zscore(voxels, inside, means, stds):
     """(voxels - mean) / std per channel where `inside` (the brain), 0 elsewhere: a new
     float32 array. Element by element the same float32 operations as over the whole
-    volume, so the same values for any part of it. C order: the resampling's matrix product
-    then reads it without another copy."""
-    normalized = np.subtract(voxels, means, dtype=np.float32, order="C")
+    volume, so the same values for any part of it. In the voxels' own memory order (a
+    NIfTI volume's: x fastest, then y, z; see resample): a C-order result transposed the
+    whole crop on the way and took twice as long. The background is zeroed channel by
+    channel: one mask broadcast over the last axis (np.copyto's where=) took 1.4x as long."""
+    normalized = np.subtract(voxels, means, dtype=np.float32, order="K")
     normalized /= stds
-    np.copyto(normalized, 0, where=~inside[..., np.newaxis])  # +0, as a background voxel
+    outside = ~inside
+    for channel in range(normalized.shape[-1]):
+        normalized[..., channel][outside] = 0  # +0, as a background voxel
     return normalized
 
 
@@ -211,14 +225,22 @@ def crop(volume, box, slices):
 def resample(cropped, image_size, order):
     """[S0, S0, Z, C] cropped slices -> [Z, S, S, C] resampled to image_size. Nearest
     (order 0) copies pixels: the same values as the matrix product, in the input's dtype,
-    without the float arithmetic."""
-    if order == 0:
-        rows = nearest_indices(cropped.shape[0], image_size)
-        return np.ascontiguousarray(cropped[rows][:, rows].transpose(2, 0, 1, 3))
-    matrix = _resampling_matrix(cropped.shape[0], image_size, order)
-    resampled = _resample_axis(_resample_axis(cropped.astype(np.float32, copy=False), matrix,
-                                              0), matrix, 1)
-    return np.ascontiguousarray(resampled.transpose(2, 0, 1, 3))
+    without the float arithmetic.
+
+    In the memory order of a case's channels stacked last (NIfTI volumes are x-fastest,
+    then y, z), the crop is [Z, y, x, C]: it is resampled along y first, each gather a copy
+    of whole rows; the smaller result is reordered to [Z, x, y', C] and resampled along x
+    the same way, which leaves the slices in their final order. Transposing the whole crop
+    first (as the zscore's C order once did) took twice as long."""
+    rows = nearest_indices(cropped.shape[0], image_size) if order == 0 else None
+    matrix = None if order == 0 else _resampling_matrix(cropped.shape[0], image_size, order)
+
+    def along_axis_1(array):  # [Z, a, b, C] -> [Z, a', b, C]
+        if order == 0:
+            return array[:, rows]
+        return _resample_axis(array.astype(np.float32, copy=False), matrix, 1)
+    along_y = along_axis_1(cropped.transpose(2, 1, 0, 3))
+    return np.ascontiguousarray(along_axis_1(np.ascontiguousarray(along_y.transpose(0, 2, 1, 3))))
 
 
 def to_slices(volume, box, image_size, order):
@@ -287,7 +309,11 @@ def targets(labels, label_mode):
     table of every label value's channels took 0.13 s and np.isin longer. The labels were
     checked to be internal ones, so whole tumor is simply "not background"."""
     channels = LABEL_MODES[label_mode].values()
-    result = np.empty((*labels.shape, len(channels)), np.uint8)
+    # Laid out in the label map's memory order, channels last: written in C order, every
+    # comparison transposed a NIfTI map (x fastest): a BraTS crop took 65 ms, now 11.
+    axes = memory_order(labels)
+    result = np.empty((*(labels.shape[axis] for axis in axes), len(channels)),
+                      np.uint8).transpose(*np.argsort(axes), 3)
     for k, members in enumerate(channels):
         if members == TUMOR_LABELS:
             result[..., k] = labels != 0

@@ -124,21 +124,39 @@ def case_image(seed, shape=(96, 96, 40)):
     return image, case["seg"]
 
 
+def nifti_layout(volume):
+    """The same values laid out as read_case returns a NIfTI case: x fastest, then y and z,
+    with the channels (if any) innermost."""
+    if volume.ndim == 3:
+        return np.asfortranarray(volume)
+    return np.ascontiguousarray(volume.transpose(2, 1, 0, 3)).transpose(2, 1, 0, 3)
+
+
+def test_memory_order_names_the_axes_slowest_first():
+    image, labels = case_image(5)
+    assert preprocessing.memory_order(labels) == (0, 1, 2)
+    assert preprocessing.memory_order(nifti_layout(labels)) == (2, 1, 0)
+    assert preprocessing.memory_order(nifti_layout(image)[..., 0]) == (2, 1, 0)
+
+
 @pytest.mark.parametrize("options", [
     preprocessing.Preprocessing(64, 80),
     preprocessing.Preprocessing(64, 80, "brain_box", "all", "whole_tumor", "float32"),
     preprocessing.Preprocessing(48, 96, "brain_box", "brain", "regions", "float16"),
 ])
-def test_preprocess_case_writes_the_bytes_of_the_whole_volume_reference(options):
-    """Normalizing only the voxels that become slices changes no byte, and resampling by two
-    taps instead of the dense product only the rounding of an image value: compared with
-    the whole-volume code the converter ran before (bench/whole_volume.py), on a case, on
-    the same case with a brainless slice inside the brain (kept slices not consecutive) and
-    without labels. Masks are the same bytes."""
+@pytest.mark.parametrize("layout", [np.asarray, nifti_layout])
+def test_preprocess_case_writes_the_bytes_of_the_whole_volume_reference(options, layout):
+    """Normalizing only the voxels that become slices (the brain's statistics summed in
+    memory order) and resampling by two taps instead of the dense product change only the
+    float32 rounding of an image value: compared with the whole-volume code the converter
+    ran before (bench/whole_volume.py), on a case, on the same case with a brainless slice
+    inside the brain (kept slices not consecutive) and without labels, in C order and laid
+    out as a NIfTI case is read (x fastest). Masks are the same bytes."""
     from bench import whole_volume
     image, labels = case_image(5)
     gap = image.copy()
     gap[:, :, 20] = 0
+    image, gap, labels = layout(image), layout(gap), layout(labels)
     for volume, label_map in ((image, labels), (gap, labels), (image, None)):
         expected = whole_volume.preprocess_case(volume, label_map, options)
         actual = preprocessing.preprocess_case(volume, label_map, options)
