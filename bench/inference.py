@@ -12,11 +12,11 @@ volume.
 
 End to end: one 240x240x155 case (--case, or a synthetic case generated once into
 runs/bench_inference/), through inference.segment_case with each runtime at its "auto"
-precision, each in a process of its own: read, preprocess, predict, post-process, write, score,
-seconds per phase (median of --repeats rounds); then inference.py itself as a new process, which adds the imports, loading
-the model (converting it on a first run) and the figures. The model is an untrained settings.py
-U-Net unless --checkpoint names one: pass a trained one, as untrained masks make scoring
-unrepresentative.
+precision, each in a process of its own: read, preprocess, predict, post-process, write,
+score, seconds per phase (median of --repeats rounds); then inference.py itself as a new
+process, which adds the imports, loading the model (converting it on a first run) and the
+figures. The model is an untrained settings.py U-Net unless --checkpoint names one: pass a
+trained one, as untrained masks make scoring unrepresentative.
 """
 import argparse
 import concurrent.futures
