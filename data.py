@@ -126,8 +126,41 @@ def random_zoom_and_turn(image, mask, seed, max_scale, max_degrees):
     return both[..., :channels], tf.cast(both[..., channels:] >= 0.5, mask.dtype)
 
 
+def random_gamma(image, seed, max_gamma, modalities=None):
+    """Each modality's brain pixels bent by a power curve, as nnU-Net augments contrast:
+    rescaled to [0, 1] between their minimum and maximum, raised to a gamma drawn
+    log-uniformly from [1 / (1 + max_gamma), 1 + max_gamma], scaled back, and then given
+    their mean and standard deviation again (nnU-Net's retain_stats), so the z-score stays
+    while lesions grow brighter or darker against grey matter, as another scanner or
+    sequence shows them. The background stays 0. A 2.5D image (several slices of
+    `modalities` channels) bends each modality alike on every slice."""
+    channels = image.shape[-1]
+    modalities = modalities or channels
+    shape = tf.shape(image)
+    pixels = tf.reshape(image, tf.concat([shape[:2], [channels // modalities, modalities]], 0))
+    brain = tf.reduce_any(pixels != 0, axis=-1, keepdims=True)
+    weight = tf.cast(brain, pixels.dtype)
+    count = tf.maximum(tf.reduce_sum(weight), 1.0)
+    axes = (0, 1, 2)
+
+    def mean_and_std(values):
+        mean = tf.reduce_sum(values * weight, axes) / count
+        return mean, tf.sqrt(tf.reduce_sum(tf.square(values - mean) * weight, axes) / count)
+    mean, std = mean_and_std(pixels)
+    low = tf.reduce_min(tf.where(brain, pixels, pixels.dtype.max), axes)
+    span = tf.maximum(tf.reduce_max(tf.where(brain, pixels, pixels.dtype.min), axes) - low,
+                      1e-6)
+    log_gamma = tf.random.stateless_uniform([modalities], seed, -math.log1p(max_gamma),
+                                            math.log1p(max_gamma))
+    bent = tf.pow(tf.clip_by_value((pixels - low) / span, 0.0, 1.0), tf.exp(log_gamma))
+    bent_mean, bent_std = mean_and_std(bent)
+    # A slice without brain has nothing to bend: its NaNs (0 / 0 above) are never selected.
+    result = tf.where(brain, (bent - bent_mean) / tf.maximum(bent_std, 1e-6) * std + mean, 0.0)
+    return tf.reshape(result, shape)
+
+
 def augment(image, mask, seed, intensity=0.0, modalities=None, max_scale=0.0,
-            max_degrees=0.0):
+            max_degrees=0.0, gamma=0.0):
     """A random left-right flip followed by a random number of 90-degree rotations: together
     they reach all 8 symmetries of the square. Image and mask are transformed together
     (concatenated), so the labels stay on their pixels. With intensity > 0, each modality's
@@ -135,7 +168,9 @@ def augment(image, mask, seed, intensity=0.0, modalities=None, max_scale=0.0,
     [-intensity, intensity]; the background stays 0. A 2.5D image (several slices of
     `modalities` channels each) gets each modality's change on every slice, inside that
     slice's own brain. With max_scale or max_degrees, the pair is then zoomed and turned
-    (random_zoom_and_turn), from a seed of its own: without, the batches are as before."""
+    (random_zoom_and_turn), from a seed of its own: without, the batches are as before.
+    With gamma > 0, each modality's contrast is then bent (random_gamma), from a seed of its
+    own too."""
     flip_seed, rotation_seed, intensity_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 3))
     both = tf.concat([image, mask], axis=-1)
@@ -162,6 +197,9 @@ def augment(image, mask, seed, intensity=0.0, modalities=None, max_scale=0.0,
                                                   minval=-intensity, maxval=intensity)
         brain = tf.cast(tf.reduce_any(image != 0, axis=-1, keepdims=True), image.dtype)
         image = image * (1 + scale_shift[0]) + scale_shift[1] * brain
+    if gamma:
+        image = random_gamma(image, tf.random.experimental.stateless_fold_in(seed, 4), gamma,
+                             modalities)
     return image, mask
 
 
@@ -184,12 +222,13 @@ def sample_stream(indices, seed, tumor_indices=None, tumor_share=0.0):
 
 def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0,
                      intensity_augmentation=0.0, neighbours=None, tumor_indices=None,
-                     tumor_share=0.0, max_scale=0.0, max_degrees=0.0):
+                     tumor_share=0.0, max_scale=0.0, max_degrees=0.0, gamma=0.0):
     """Endless shuffled, augmented batches of the given shard; the caller takes
     steps_per_epoch() batches per epoch. The same seed gives the same batches. `neighbours`
     (brainseg/context.py's table for these arrays, None for one slice) makes 2.5D samples;
     tumor_share draws that share of the samples from `tumor_indices` (sample_stream);
-    max_scale and max_degrees zoom and turn each sample (random_zoom_and_turn).
+    max_scale and max_degrees zoom and turn each sample (random_zoom_and_turn), gamma bends
+    its contrast (random_gamma).
 
     skip_samples drops that many samples from the start of the stream: a run resumed after
     k epochs passes k x steps x batch size and sees exactly the batches the uninterrupted run
@@ -205,7 +244,7 @@ def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0,
     dataset = dataset.map(lambda image, mask, aug_seed: augment(image, mask, aug_seed,
                                                                intensity_augmentation,
                                                                modalities, max_scale,
-                                                               max_degrees),
+                                                               max_degrees, gamma),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 

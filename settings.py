@@ -79,6 +79,10 @@ ROTATION_AUGMENTATION_DEGREES = 0.0
 # too; 0 turns it off. Measured at 0.1 on the realistic benchmark: TC +0.011 on seed 1 but
 # -0.031 on seed 2 (WT +0.003, ET within 0.004 on both): off, no gain beyond seed noise.
 INTENSITY_AUGMENTATION = 0.0
+# Random contrast curve per training slice and modality (data.random_gamma, as nnU-Net): the
+# brain's pixels raised to a power drawn log-uniformly from [1 / (1 + this), 1 + this] between
+# their minimum and maximum, their mean and spread then restored; 0 turns it off.
+GAMMA_AUGMENTATION = 0.0
 # 2.5D input: each axial slice is fed with this many neighbouring slices on EACH side as
 # extra channels (1: the slice below and the one above, 12 input channels for 4 modalities;
 # 0: one slice, as before). Context across slices is how a 2D model tells a vessel or a

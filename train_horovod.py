@@ -45,7 +45,8 @@ from brainseg import checkpoints, cli, context, dataset, folders, hardware, metr
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE",
             "DICE_PER_REGION", "TUMOR_SAMPLE_SHARE", "SCALE_AUGMENTATION",
-            "ROTATION_AUGMENTATION_DEGREES", "INTENSITY_AUGMENTATION", "CONTEXT_SLICES",
+            "ROTATION_AUGMENTATION_DEGREES", "INTENSITY_AUGMENTATION", "GAMMA_AUGMENTATION",
+            "CONTEXT_SLICES",
             "LEARNING_RATE", "WARMUP_EPOCHS", "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH",
             "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
             "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION", "EARLY_STOPPING_PATIENCE",
@@ -265,7 +266,7 @@ def sharded_datasets(args, imgs_train, msks_train, imgs_test, msks_test, samples
         skip_samples=samples_done, intensity_augmentation=args.INTENSITY_AUGMENTATION,
         neighbours=neighbours["train"], tumor_indices=shard_tumor,
         tumor_share=args.TUMOR_SAMPLE_SHARE, max_scale=args.SCALE_AUGMENTATION,
-        max_degrees=args.ROTATION_AUGMENTATION_DEGREES))
+        max_degrees=args.ROTATION_AUGMENTATION_DEGREES, gamma=args.GAMMA_AUGMENTATION))
     test_batches = data.evaluation_dataset(
         imgs_test, msks_test, data.shard_indices(len(imgs_test), hvd.rank(), hvd.size()),
         args.BATCH_SIZE, neighbours=neighbours["test"])

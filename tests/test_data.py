@@ -165,6 +165,39 @@ def test_intensity_augmentation_scales_and_shifts_each_modality_inside_the_brain
     assert not np.allclose(np.sort(other.numpy().ravel()), np.sort(changed_image.ravel()))
 
 
+@pytest.mark.parametrize("slices", [1, 3])  # one slice, and a 2.5D stack of 3
+def test_gamma_bends_each_modality_inside_the_brain_and_keeps_its_statistics(slices):
+    """The flips and turns are those of the same seed without gamma, the background stays 0,
+    each modality keeps the order of its brain pixels (a power curve is monotonic) and their
+    mean and standard deviation, yet the values change, by another curve per modality."""
+    rng = np.random.default_rng(4)
+    image = np.zeros((8, 8, slices, 4), np.float32)
+    image[2:7, 1:6] = rng.normal(size=(5, 5, slices, 4))
+    image = image.reshape(8, 8, slices * 4)
+    mask = (image[..., :1] > 0).astype(np.float32)
+    modalities = 4 if slices > 1 else None
+    plain_image, plain_mask = data.augment(image, mask, np.array([5, 1]), modalities=modalities)
+    bent_image, bent_mask = data.augment(image, mask, np.array([5, 1]), modalities=modalities,
+                                         gamma=0.5)
+    np.testing.assert_array_equal(bent_mask, plain_mask)
+    plain, bent = (array.numpy().reshape(8, 8, slices, 4) for array in (plain_image, bent_image))
+    brain = plain.any(axis=-1)
+    assert not bent[~brain].any()
+    changes = []
+    for modality in range(4):
+        before, after = plain[..., modality][brain], bent[..., modality][brain]
+        np.testing.assert_array_equal(np.argsort(before, kind="stable"),
+                                      np.argsort(after, kind="stable"))
+        np.testing.assert_allclose([after.mean(), after.std()], [before.mean(), before.std()],
+                                   atol=1e-4)
+        changes.append(np.abs(after - before).max())
+    assert min(changes) > 1e-3  # every modality bent
+    alike = np.repeat(image.reshape(8, 8, slices, 4)[..., :1], 4, axis=-1).reshape(image.shape)
+    bent_alike = data.augment(alike, mask, np.array([5, 1]), modalities=modalities,
+                              gamma=0.5)[0].numpy().reshape(8, 8, slices, 4)
+    assert np.abs(np.diff(bent_alike[brain], axis=-1)).max() > 1e-3  # a curve per modality
+
+
 def test_tumor_rows_are_found_in_memory_and_in_a_memory_map(tmp_path):
     msks = np.zeros((9, 4, 4, 3), np.uint8)
     msks[[1, 4, 8], 2, 3, 0] = 1
