@@ -342,7 +342,7 @@ def segment_case(model, case, options, args, output, context_slices=0, clock=Non
         return None, None
     with clock("score"):
         # In the prediction's memory order (C; a NIfTI map is read x fastest): comparing two
-        # layouts voxel by voxel crosses memory at every step (scoring 0.44 -> 0.58 s).
+        # layouts voxel by voxel crosses memory at every step (scoring took 0.58 s, now 0.41).
         labels = np.ascontiguousarray(labels)
         truth = preprocessing.targets(labels, options.label_mode).astype(bool)
         row = metrics.score_case(case.case_id, len(imgs), truth, masks, options.target_names,
