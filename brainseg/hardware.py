@@ -31,9 +31,10 @@ def keep_freed_memory():
     of a fresh mapping per array that the kernel must fault in and zero again (glibc maps
     every block above 32 MB and unmaps it on free). A process that makes the same few
     volume-sized arrays case after case then reuses the same pages: the converter's system
-    time on 32 BraTS cases fell from 6.0 to 1.1 s with 1 worker and from 7.4 to 2.6 s with 2,
-    its peak memory grew by about 10% on 8 cases and not on 32. Forked workers inherit it.
-    Returns False where the C library is not glibc (it then changes nothing)."""
+    time on 32 BraTS cases fell from 6.0 to 1.1 s with 1 worker and from 7.4 to 2.6 s with 2;
+    its peak memory is 8-19% higher (bench/converter.py), still flat in the number of cases.
+    Forked workers inherit it. Returns False where the C library is not glibc (it then
+    changes nothing)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
