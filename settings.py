@@ -65,6 +65,10 @@ DICE_PER_REGION = True
 # samples every slice alike. Measured at 0.33 on the realistic benchmark, where 53% of the
 # slices hold tumor anyway: TC -0.019 on seed 1, +0.008 on seed 2, WT and ET within 0.003: off.
 TUMOR_SAMPLE_SHARE = 0.0
+# Which slices that share comes from: "tumor" (any), or "unenhanced_core": slices whose tumor
+# core has no enhancing tumor (lower-grade gliomas' cores, the ends of the others), 12% of
+# the benchmark's training slices and the cores it misses most (data.OVERSAMPLED_SLICES).
+OVERSAMPLED_SLICES = "tumor"
 # Random zoom and turn of every training slice (and its mask), on top of the flips and
 # quarter turns: scaled by a factor in [1 - SCALE_AUGMENTATION, 1 + SCALE_AUGMENTATION] and
 # turned by up to ROTATION_AUGMENTATION_DEGREES either way, as nnU-Net augments: a few

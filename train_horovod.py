@@ -44,7 +44,8 @@ import model as unet
 from brainseg import checkpoints, cli, context, dataset, folders, hardware, metrics, watchdog
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE",
-            "DICE_PER_REGION", "TUMOR_SAMPLE_SHARE", "SCALE_AUGMENTATION",
+            "DICE_PER_REGION", "TUMOR_SAMPLE_SHARE", "OVERSAMPLED_SLICES",
+            "SCALE_AUGMENTATION",
             "ROTATION_AUGMENTATION_DEGREES", "INTENSITY_AUGMENTATION", "GAMMA_AUGMENTATION",
             "CONTEXT_SLICES",
             "LEARNING_RATE", "WARMUP_EPOCHS", "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH",
@@ -55,6 +56,7 @@ HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled
         "STEPS_PER_EPOCH": "0 = one pass over the largest shard",
         "CONTEXT_SLICES": "neighbouring slices on each side fed as extra channels (2.5D)",
         "TUMOR_SAMPLE_SHARE": "share of samples drawn from slices with tumor; 0 = uniform",
+        "OVERSAMPLED_SLICES": "what TUMOR_SAMPLE_SHARE draws: tumor | unenhanced_core",
         "SCALE_AUGMENTATION": "zoom each training slice by 1 +- up to this; 0 = off",
         "ROTATION_AUGMENTATION_DEGREES": "turn each training slice by up to this; 0 = off",
         "PRECISION": "auto | float32 | mixed_bfloat16",
@@ -258,9 +260,14 @@ def sharded_datasets(args, imgs_train, msks_train, imgs_test, msks_test, samples
     shard = data.shard_indices(len(imgs_train), hvd.rank(), hvd.size())
     shard_tumor = None
     if args.TUMOR_SAMPLE_SHARE:
-        shard_tumor = np.intersect1d(shard, data.tumor_rows(msks_train))
+        try:  # every rank finds the same problem, so they all stop
+            shard_tumor = np.intersect1d(shard, data.tumor_rows(msks_train,
+                                                                slices=args.OVERSAMPLED_SLICES))
+        except ValueError as error:
+            sys.exit(f"ERROR: rank {hvd.rank()}: {error}")
         log(f"Tumor-slice oversampling: {args.TUMOR_SAMPLE_SHARE:.0%} of the samples drawn "
-            f"from the {len(shard_tumor)} of {len(shard)} slices with tumor (rank 0's shard)")
+            f"from the {len(shard_tumor)} of {len(shard)} slices with "
+            f"{args.OVERSAMPLED_SLICES.replace('_', ' ')} (rank 0's shard)")
     train_batches = iter(data.training_dataset(
         imgs_train, msks_train, shard, args.BATCH_SIZE, seed=args.SEED + hvd.rank(),
         skip_samples=samples_done, intensity_augmentation=args.INTENSITY_AUGMENTATION,

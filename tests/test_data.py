@@ -211,6 +211,24 @@ def test_tumor_rows_are_found_in_memory_and_in_a_memory_map(tmp_path):
         data.tumor_rows(mapped, rows_per_read=2)  # opened before the file was cut
 
 
+def test_unenhanced_core_rows_are_cores_without_enhancing_tumor(tmp_path):
+    msks = np.zeros((6, 4, 4, 3), np.uint8)
+    msks[1, 0, 0, 0] = 1                  # edema only
+    msks[2, 1, 1, :2] = 1                 # a core without enhancement
+    msks[3, 1, 1, :] = 1                  # an enhancing core
+    msks[4, 1, 1, :2] = msks[4, 2, 2, :] = 1  # a core enhancing elsewhere on the slice
+    msks[5, 3, 3, :2] = 1
+    np.save(tmp_path / "msks.npy", msks)
+    mapped = np.load(tmp_path / "msks.npy", mmap_mode="r")
+    for array in (msks, mapped):
+        assert data.tumor_rows(array, 2, "unenhanced_core").tolist() == [2, 5]
+        assert data.tumor_rows(array, 2, "tumor").tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="three regions.*1 channel"):
+        data.tumor_rows(msks[..., :1], slices="unenhanced_core")
+    with pytest.raises(ValueError, match="'cores'.*tumor, unenhanced_core"):
+        data.tumor_rows(msks, slices="cores")
+
+
 def _tumor_share_of_stream(tumor_share, seed=3, samples=4000):
     shard, tumor = np.arange(0, 200, 2), np.arange(0, 200, 20)  # 10 of 100 slices hold tumor
     stream = data.sample_stream(shard, seed, tumor, tumor_share).take(samples)
