@@ -83,12 +83,12 @@ def memory_order(volume):
 def brain_statistics(image, brain):
     """(means, stds): float32 per channel over the brain voxels (std 1 for a constant or
     empty channel), which normalization divides by. The voxels are gathered from the
-    brain's bounding box in memory order (2.5x faster on a BraTS case than in the axes'
-    order, which crosses the volume at every step): the same voxels, summed in another
-    order, so the same statistics to float32 rounding. Values beyond max_intensity overflow
-    the float32 sums, which raises ValueError instead of writing NaN."""
-    axes = memory_order(brain)
-    brain, image = brain.transpose(axes), image.transpose(*axes, 3)
+    brain's bounding box x fastest, the memory order of a NIfTI volume (2.5x faster on a
+    BraTS case than z fastest, which crosses the volume at every step). The order is that
+    of the axes, not of the memory: a file stored in another orientation gives the same
+    float32 sums, so the same bytes. Values beyond max_intensity overflow the float32
+    sums, which raises ValueError instead of writing NaN."""
+    brain, image = brain.transpose(2, 1, 0), image.transpose(2, 1, 0, 3)
     box = bounding_box(brain)
     inside = brain[box]
     means, stds = [], []
