@@ -138,8 +138,8 @@ def bench_case(path):
 
 def case_phases(checkpoint, case_path, name, repeats, folder):
     """Median seconds per phase of segment_case with one runtime at its auto precision, in a
-    fresh process of its own, as inference.py runs one runtime: in the process that had just
-    timed every model, reading the case took 0.57-0.71 s against 0.17-0.25 s alone."""
+    fresh process of its own, as inference.py runs one runtime: nothing the other runtime or
+    the model timing loaded or allocated is in it."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as process:
         return process.submit(_case_phases, checkpoint, case_path, name, repeats,

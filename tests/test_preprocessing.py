@@ -146,8 +146,8 @@ def test_memory_order_names_the_axes_slowest_first():
 ])
 @pytest.mark.parametrize("layout", [np.asarray, nifti_layout])
 def test_preprocess_case_writes_the_bytes_of_the_whole_volume_reference(options, layout):
-    """Normalizing only the voxels that become slices (the brain's statistics summed in
-    memory order) and resampling by two taps instead of the dense product change only the
+    """Normalizing only the voxels that become slices (the brain's statistics summed x
+    fastest) and resampling by two taps instead of the dense product change only the
     float32 rounding of an image value: compared with the whole-volume code the converter
     ran before (bench/whole_volume.py), on a case, on the same case with a brainless slice
     inside the brain (kept slices not consecutive) and without labels, in C order and laid
