@@ -60,6 +60,9 @@ BATCH_SIZE = 32  # per worker; the global batch is BATCH_SIZE x number of worker
 # Dice per region; False: one Dice pooled over the regions, where the whole tumor (the
 # largest) drowns the enhancing tumor (a few percent of it). See model.soft_dice_loss.
 DICE_PER_REGION = True
+# How much the Dice term weighs a missed tumor pixel against a false alarm (the Tversky index,
+# model.soft_dice_loss): 0.5 is Dice, above it the loss pushes towards recall.
+DICE_FALSE_NEGATIVE_WEIGHT = 0.5
 # Share of the training samples drawn from the slices that contain tumor (the rest from every
 # brain slice, tumor or not), as nnU-Net forces a third of its patches onto foreground; 0
 # samples every slice alike. Measured at 0.33 on the realistic benchmark, where 53% of the

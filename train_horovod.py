@@ -43,17 +43,18 @@ import data
 import model as unet
 from brainseg import checkpoints, cli, context, dataset, folders, hardware, metrics, watchdog
 
-SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE",
-            "DICE_PER_REGION", "TUMOR_SAMPLE_SHARE", "OVERSAMPLED_SLICES",
+SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE", "DICE_PER_REGION",
+            "DICE_FALSE_NEGATIVE_WEIGHT", "TUMOR_SAMPLE_SHARE", "OVERSAMPLED_SLICES",
             "SCALE_AUGMENTATION", "ROTATION_AUGMENTATION_DEGREES", "INTENSITY_AUGMENTATION",
             "GAMMA_AUGMENTATION", "CONTEXT_SLICES", "LEARNING_RATE", "WARMUP_EPOCHS",
-            "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH",
-            "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
-            "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION", "EARLY_STOPPING_PATIENCE",
-            "TIMELINE", "HOROVOD_CYCLE_TIME_MS", "STALL_TIMEOUT_SECONDS"]
+            "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH", "USE_TRANSPOSED_CONV", "USE_BATCH_NORM",
+            "DROPOUT", "SEED", "LOG_EVERY_STEPS", "NUM_INTRA_THREADS", "NUM_INTER_THREADS",
+            "PRECISION", "EARLY_STOPPING_PATIENCE", "TIMELINE", "HOROVOD_CYCLE_TIME_MS",
+            "STALL_TIMEOUT_SECONDS"]
 HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled by workers",
         "STEPS_PER_EPOCH": "0 = one pass over the largest shard",
         "CONTEXT_SLICES": "neighbouring slices on each side fed as extra channels (2.5D)",
+        "DICE_FALSE_NEGATIVE_WEIGHT": "Tversky weight of missed pixels; 0.5 = Dice",
         "TUMOR_SAMPLE_SHARE": "share of samples drawn from slices with tumor; 0 = uniform",
         "OVERSAMPLED_SLICES": "what TUMOR_SAMPLE_SHARE draws: tumor | unenhanced_core",
         "SCALE_AUGMENTATION": "zoom each training slice by 1 +- up to this; 0 = off",
@@ -369,7 +370,8 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, descr
     the same early-stopping decision without a broadcast. Rank 0 logs and checkpoints; the
     best model is exported with `description` (how its input was prepared). Every piece of
     work feeds `stall_watchdog`."""
-    loss_fn = functools.partial(unet.bce_dice_loss, per_region=args.DICE_PER_REGION)
+    loss_fn = functools.partial(unet.bce_dice_loss, per_region=args.DICE_PER_REGION,
+                                false_negative_weight=args.DICE_FALSE_NEGATIVE_WEIGHT)
     train_step = make_train_step(model, optimizer, loss_fn)
     eval_step = make_eval_step(model, loss_fn)
     num_regions = model.output_shape[-1]
