@@ -92,6 +92,29 @@ def test_per_region_dice_loss_weighs_every_region_equally():
         pytest.approx(float(unet.soft_dice_loss(single, prediction[..., :1])))
 
 
+def test_false_negative_weight_makes_a_miss_cost_more_than_a_false_alarm():
+    """The Tversky index: at 0.5 it is the Dice loss itself; above 0.5 a prediction that
+    misses 2 of 6 tumor pixels loses more than one that adds 2 false pixels, which Dice
+    scores alike (2*4/10 against 2*6/14 apart from the smoothing)."""
+    truth = masks((0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1))
+    missed = masks((0, 0), (0, 1), (1, 0), (1, 1))
+    false_alarm = masks((0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1))
+    for prediction in (missed, false_alarm, np.full_like(truth, 0.3)):
+        assert float(unet.soft_dice_loss(truth, prediction, false_negative_weight=0.5)) == \
+            pytest.approx(float(unet.soft_dice_loss(truth, prediction)))
+    weighted = {name: float(unet.soft_dice_loss(truth, prediction, false_negative_weight=0.7))
+                for name, prediction in (("missed", missed), ("false_alarm", false_alarm))}
+    s = unet.SMOOTH  # 1 - (2 TP + s) / (2 (0.3 |prediction| + 0.7 |truth|) + s)
+    assert weighted["missed"] == pytest.approx(1 - (8 + s) / (2 * (0.3 * 4 + 0.7 * 6) + s))
+    assert weighted["false_alarm"] == pytest.approx(1 - (12 + s) / (2 * (0.3 * 8 + 0.7 * 6) + s))
+    assert weighted["missed"] > weighted["false_alarm"] + 0.1
+    assert float(unet.soft_dice_loss(truth, truth, false_negative_weight=0.7)) == \
+        pytest.approx(0.0)
+    with_bce = float(unet.bce_dice_loss(truth, np.clip(missed, 0.1, 0.9), per_region=True,
+                                        false_negative_weight=0.7))
+    assert with_bce > float(unet.bce_dice_loss(truth, np.clip(missed, 0.1, 0.9), per_region=True))
+
+
 def test_an_untrained_network_starts_near_the_tumor_prior_not_at_one_half():
     """Tumor is a few percent of the pixels: the output bias starts at that prior, so the
     first steps are not spent pushing every background pixel down from 0.5 (slow with batch
