@@ -119,15 +119,22 @@ def build_unet(image_size=128, channels=4, num_classes=1, base_filters=16, depth
     return keras.Model(inputs, outputs, name="unet")
 
 
-def dice_sums(y_true, y_pred, per_region=False):
-    """Intersection and total mask size, summed over the batch (not averaged per image, so
-    slices without tumor do not dominate, and so sums from several ranks can be added): two
-    numbers, or with per_region one pair per region (channel), vectors of length K."""
+def overlap_sums(y_true, y_pred, per_region=False):
+    """(intersection, true mask size, predicted mask size), summed over the batch (not
+    averaged per image, so slices without tumor do not dominate, and so sums from several
+    ranks can be added): three numbers, or with per_region three vectors of one sum per
+    region (channel)."""
     axis = (0, 1, 2) if per_region else None
     y_true = ops.cast(y_true, "float32")
     y_pred = ops.cast(y_pred, "float32")
-    return (ops.sum(y_true * y_pred, axis=axis),
-            ops.sum(y_true, axis=axis) + ops.sum(y_pred, axis=axis))
+    return (ops.sum(y_true * y_pred, axis=axis), ops.sum(y_true, axis=axis),
+            ops.sum(y_pred, axis=axis))
+
+
+def dice_sums(y_true, y_pred, per_region=False):
+    """Intersection and total mask size (overlap_sums), the two sums of a Dice."""
+    intersection, true_size, predicted_size = overlap_sums(y_true, y_pred, per_region)
+    return intersection, true_size + predicted_size
 
 
 def dice_coefficient(y_true, y_pred, threshold=0.5):
@@ -146,12 +153,9 @@ def soft_dice_loss(y_true, y_pred, per_region=False, false_negative_weight=0.5):
     false_negative_weight: the Tversky index's share of missed pixels (Salehi et al. 2017),
     2|A and B| / (2 (1 - w) |B| + 2 w |A|) for truth A and prediction B. 0.5 is Dice; above it
     a missed tumor pixel costs more than a false alarm, for a model that under-segments."""
-    axis = (0, 1, 2) if per_region else None
-    y_true = ops.cast(y_true, "float32")
-    y_pred = ops.cast(y_pred, "float32")
-    intersection = ops.sum(y_true * y_pred, axis=axis)
-    weighted_total = 2.0 * ((1.0 - false_negative_weight) * ops.sum(y_pred, axis=axis)
-                            + false_negative_weight * ops.sum(y_true, axis=axis))
+    intersection, true_size, predicted_size = overlap_sums(y_true, y_pred, per_region)
+    weighted_total = 2.0 * ((1.0 - false_negative_weight) * predicted_size
+                            + false_negative_weight * true_size)
     return 1.0 - ops.mean(metrics.dice_from_sums(intersection, weighted_total, SMOOTH))
 
 
