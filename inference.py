@@ -435,6 +435,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     print(f"Inference\nConfiguration:\n{cli.format_config(args)}")
+    hardware.keep_freed_memory()  # every case makes the same volume-sized arrays again
     try:
         if runtime.resolve_runtime(args.INFERENCE_RUNTIME) == "tensorflow":
             configure_tensorflow(args)
