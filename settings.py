@@ -117,6 +117,10 @@ STEPS_PER_EPOCH = 0  # 0: every epoch covers the largest shard once; > 0: that m
 LEARNING_RATE = 1e-3  # single-worker (base) learning rate for Adam
 WARMUP_EPOCHS = 1
 FINAL_LR_FRACTION = 0.05
+# Validation and the exported model use a moving average of the weights (Polyak averaging;
+# Keras' Adam keeps it, updated after every step with this momentum: 0.99 averages about the
+# last 100 steps), while training continues from the weights themselves; 0 turns it off.
+WEIGHT_AVERAGE_MOMENTUM = 0.0
 SEED = 42  # weights, shuffling and augmentation
 LOG_EVERY_STEPS = 20  # rank 0 prints a progress line this often within an epoch
 # "mixed_bfloat16" computes in bfloat16 (weights, outputs and loss stay float32): about twice

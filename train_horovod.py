@@ -47,14 +47,15 @@ SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE", 
             "DICE_FALSE_NEGATIVE_WEIGHT", "TUMOR_SAMPLE_SHARE", "OVERSAMPLED_SLICES",
             "SCALE_AUGMENTATION", "ROTATION_AUGMENTATION_DEGREES", "INTENSITY_AUGMENTATION",
             "GAMMA_AUGMENTATION", "CONTEXT_SLICES", "LEARNING_RATE", "WARMUP_EPOCHS",
-            "FINAL_LR_FRACTION", "BASE_FILTERS", "DEPTH", "USE_TRANSPOSED_CONV", "USE_BATCH_NORM",
-            "DROPOUT", "SEED", "LOG_EVERY_STEPS", "NUM_INTRA_THREADS", "NUM_INTER_THREADS",
-            "PRECISION", "EARLY_STOPPING_PATIENCE", "TIMELINE", "HOROVOD_CYCLE_TIME_MS",
-            "STALL_TIMEOUT_SECONDS"]
+            "FINAL_LR_FRACTION", "WEIGHT_AVERAGE_MOMENTUM", "BASE_FILTERS", "DEPTH",
+            "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
+            "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION", "EARLY_STOPPING_PATIENCE",
+            "TIMELINE", "HOROVOD_CYCLE_TIME_MS", "STALL_TIMEOUT_SECONDS"]
 HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled by workers",
         "STEPS_PER_EPOCH": "0 = one pass over the largest shard",
         "CONTEXT_SLICES": "neighbouring slices on each side fed as extra channels (2.5D)",
         "DICE_FALSE_NEGATIVE_WEIGHT": "Tversky weight of missed pixels; 0.5 = Dice",
+        "WEIGHT_AVERAGE_MOMENTUM": "validate and export a moving average of the weights; 0 = off",
         "TUMOR_SAMPLE_SHARE": "share of samples drawn from slices with tumor; 0 = uniform",
         "OVERSAMPLED_SLICES": "what TUMOR_SAMPLE_SHARE draws: tumor | unenhanced_core",
         "SCALE_AUGMENTATION": "zoom each training slice by 1 +- up to this; 0 = off",
@@ -99,6 +100,32 @@ def average_batch_norm_statistics(model):
             if isinstance(layer, keras.layers.BatchNormalization):
                 for variable in layer.non_trainable_variables:
                     variable.assign(hvd.allreduce(variable.value, op=hvd.Average))
+
+
+@contextlib.contextmanager
+def averaged_weights(model, optimizer):
+    """Inside the block the model holds the moving average of its weights that Adam keeps
+    (WEIGHT_AVERAGE_MOMENTUM), so validation and the export see it; after it, its own weights
+    again, from which training and the resumable state continue. Without an average, the
+    model as it is."""
+    if not optimizer.use_ema:
+        yield
+        return
+    # Keras' own record of the averages, in the order of model.trainable_variables (the list
+    # the optimizer was built on); its SwapEMAWeights callback swaps the same way.
+    pairs = list(zip(model.trainable_variables, optimizer._model_variables_moving_average))
+    swap_values(pairs)
+    try:
+        yield
+    finally:
+        swap_values(pairs)
+
+
+def swap_values(pairs):
+    for variable, average in pairs:
+        weights = variable.numpy()
+        variable.assign(average)
+        average.assign(weights)
 
 
 def make_train_step(model, optimizer, loss_fn):
@@ -304,7 +331,9 @@ def build_model_and_optimizer(args, images_shape, masks_shape, steps_per_epoch):
                             args.USE_BATCH_NORM, args.DROPOUT)
     schedule = learning_rate_schedule(args.LEARNING_RATE, hvd.size(), steps_per_epoch,
                                       args.EPOCHS, args.WARMUP_EPOCHS, args.FINAL_LR_FRACTION)
-    optimizer = keras.optimizers.Adam(learning_rate=schedule)
+    optimizer = keras.optimizers.Adam(learning_rate=schedule,
+                                      use_ema=args.WEIGHT_AVERAGE_MOMENTUM > 0,
+                                      ema_momentum=args.WEIGHT_AVERAGE_MOMENTUM or 0.99)
     optimizer.build(model.trainable_variables)
     model.compile(optimizer=optimizer, jit_compile=False)
     return model, optimizer, schedule
@@ -385,8 +414,9 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, descr
                                               progress.steps_per_epoch, epoch,
                                               args.LOG_EVERY_STEPS, stall_watchdog)
         average_batch_norm_statistics(model)
-        val_loss, val_dice = evaluate(eval_step, test_batches, num_regions, epoch,
-                                      stall_watchdog)
+        with averaged_weights(model, optimizer):
+            val_loss, val_dice = evaluate(eval_step, test_batches, num_regions, epoch,
+                                          stall_watchdog)
         seconds_this_run.append(seconds)
         improved = progress.record_epoch(epoch, val_dice, args.EARLY_STOPPING_PATIENCE)
         epochs_left = 0 if progress.stopped_early else args.EPOCHS - epoch - 1
@@ -401,7 +431,8 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, descr
             # The export first: a crash in between then re-runs this epoch rather than
             # leaving a state that claims a best model the export does not hold.
             if improved:
-                checkpoints.export_for_inference(model, export_path, description)
+                with averaged_weights(model, optimizer):
+                    checkpoints.export_for_inference(model, export_path, description)
             checkpoints.save_state(model, args.TRAIN_DIR, progress)
         stall_watchdog.feed(f"epoch {epoch + 1} checkpoint")
         if progress.stopped_early:

@@ -62,6 +62,30 @@ def test_oversampling_zoom_turn_and_gamma_train_through_the_launcher(converted_d
     assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
 
 
+def test_with_a_weight_average_the_export_differs_from_the_state(converted_dir, tmp_path):
+    """With WEIGHT_AVERAGE_MOMENTUM the export holds the moving average of the weights (see
+    test_training.py for its values), while the resumable state keeps the weights
+    themselves, from which training continues; the batch statistics are the same in both,
+    and both ranks still end identical."""
+    import keras
+    import numpy as np
+    train_dir = tmp_path / "averaged"
+    result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
+                  "--data-dir", str(converted_dir), "--train-dir", str(train_dir),
+                  "--epochs", "1", "--steps-per-epoch", "10", "--use-batch-norm", "true",
+                  "--weight-average-momentum", "0.9", *TINY_MODEL], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"WEIGHT_AVERAGE_MOMENTUM += 0.9$", result.stdout, re.MULTILINE)
+    fingerprints = weights_fingerprints(result.stdout)
+    assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
+    exported, state = (keras.saving.load_model(train_dir / name, compile=False)
+                       for name in ("model.keras", "training_state_epoch0001.keras"))
+    assert all(not np.array_equal(export.numpy(), weights.numpy()) for export, weights
+               in zip(exported.trainable_variables, state.trainable_variables))
+    for export, saved in zip(exported.non_trainable_variables, state.non_trainable_variables):
+        np.testing.assert_array_equal(export.numpy(), saved.numpy())
+
+
 def test_rerunning_a_finished_run_returns_without_building_a_model(trained_run,
                                                                   converted_dir):
     """The same command again: both ranks read the finished state, say so and stop before
