@@ -47,7 +47,8 @@ def keep_freed_memory():
       2.7-2.9 s, its wall time the same.
     Forked workers inherit both. Returns False where the C library is not glibc (the heap
     then stays as it was)."""
-    advice = getattr(np._core.multiarray, "_set_madvise_hugepage", None)  # NumPy 1.19-2.x
+    # NumPy's switch for it (private; the variable NUMPY_MADVISE_HUGEPAGE=0 sets it at import)
+    advice = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
     if advice:
         advice(False)
     try:
