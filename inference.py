@@ -436,6 +436,7 @@ def main(argv=None):
     args = parse_args(argv)
     print(f"Inference\nConfiguration:\n{cli.format_config(args)}")
     hardware.keep_freed_memory()  # every case makes the same volume-sized arrays again
+    hardware.avoid_huge_pages()
     try:
         if runtime.resolve_runtime(args.INFERENCE_RUNTIME) == "tensorflow":
             configure_tensorflow(args)

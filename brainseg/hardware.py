@@ -13,9 +13,9 @@ layout reorders: 6 ms of a 290 ms step in both). AMX tiles (Sapphire Rapids and 
 roughly double the float32 rate. So PRECISION = "auto" reads the CPU flags at run time.
 
 Memory. glibc gives every block above 32 MB its own mapping and unmaps it when freed, so the
-next volume-sized array is page-faulted and zeroed by the kernel again, and NumPy asks the
-kernel for 2 MB pages for every array of 4 MB or more, each zeroed (and made room for) when
-first touched: keep_freed_memory turns both off.
+next volume-sized array is page-faulted and zeroed by the kernel again: keep_freed_memory.
+NumPy asks the kernel for 2 MB pages for every array of 4 MB or more, each zeroed (and made
+room for) when first touched: avoid_huge_pages.
 """
 import ctypes
 import os
@@ -31,31 +31,36 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
 
 def keep_freed_memory():
-    """Serves large arrays from the heap and keeps freed heap memory for the next one, in
-    4 kB pages: a process that makes the same few volume-sized arrays case after case then
-    reuses the same pages instead of having the kernel fault in and zero new ones.
-    - glibc maps every block above 32 MB and unmaps it on free: turned off, the converter's
-      system time on 32 BraTS cases fell from 6.0 to 1.1 s with 1 worker and from 7.4 to
-      2.6 s with 2; its peak memory is 8-19% higher (bench/converter.py), still flat in the
-      number of cases.
-    - NumPy advises the kernel to back every array of 4 MB or more with 2 MB pages
-      (transparent huge pages, on this host on request): each fault then zeroes 2 MB, and
-      the kernel compacts memory to find them, again after every case. With both off,
-      inference segments a case in 1.30 s, against 1.58-1.62 with the heap alone and
-      1.75-1.91 with neither (reading it: 0.24, 0.46, 0.59 s; OpenVINO, medians of 6 cases
-      in one process); the converter's system time on 32 cases fell from 3.5-5.2 to
-      2.7-2.9 s, its wall time the same.
-    Forked workers inherit both. Returns False where the C library is not glibc (the heap
-    then stays as it was)."""
-    # NumPy's switch for it (private; the variable NUMPY_MADVISE_HUGEPAGE=0 sets it at import)
-    advice = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
-    if advice:
-        advice(False)
+    """Serves large arrays from the heap and keeps freed heap memory for the next one,
+    instead of a fresh mapping per array that the kernel must fault in and zero again (glibc
+    maps every block above 32 MB and unmaps it on free). A process that makes the same few
+    volume-sized arrays case after case then reuses the same pages: the converter's system
+    time on 32 BraTS cases fell from 6.0 to 1.1 s with 1 worker and from 7.4 to 2.6 s with 2;
+    its peak memory is 8-19% higher (bench/converter.py), still flat in the number of cases.
+    Forked workers inherit it. Returns False where the C library is not glibc (it then
+    changes nothing)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 30))
+
+
+def avoid_huge_pages():
+    """Stops NumPy from advising the kernel to back every array of 4 MB or more with 2 MB
+    pages (transparent huge pages; this host grants them on request). Each fault then zeroes
+    2 MB, and the kernel compacts memory to find them, again for every case's new arrays:
+    reading a case for inference took 0.17-0.71 s for the same files, up to 0.5 s of it
+    system time. With this and keep_freed_memory, inference segments a case in 1.30 s,
+    against 1.58-1.62 with the heap kept alone and 1.75-1.91 with neither (reading it: 0.24,
+    0.46, 0.59 s; OpenVINO, medians of 6 cases in one process). Not in the converter: there
+    the system time fell (4.2 -> 3.1 s for 32 cases, 2 workers) by about what the user time
+    rose (16.8 -> 18.1 s, more TLB misses over its larger arrays), and its wall time did not
+    move (11.7 against 11.9 s, medians of 4 alternating rounds)."""
+    # NumPy's switch for it (private; the variable NUMPY_MADVISE_HUGEPAGE=0 sets it at import)
+    advice = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
+    if advice:
+        advice(False)
 
 
 def cores_for_this_process(ranks_on_node=1):
