@@ -120,6 +120,8 @@ FINAL_LR_FRACTION = 0.05
 # Validation and the exported model use a moving average of the weights (Polyak averaging;
 # Keras' Adam keeps it, updated after every step with this momentum: 0.99 averages about the
 # last 100 steps), while training continues from the weights themselves; 0 turns it off.
+# Measured at 0.99 (bench/accuracy.py, 24 held-out cases): seed 1 WT +0.007, TC +0.011, ET
+# +0.004 and its worst case 0.817 -> 0.888; seed 2 every region within 0.002: off.
 WEIGHT_AVERAGE_MOMENTUM = 0.0
 SEED = 42  # weights, shuffling and augmentation
 LOG_EVERY_STEPS = 20  # rank 0 prints a progress line this often within an epoch
