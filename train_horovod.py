@@ -122,6 +122,7 @@ def averaged_weights(model, optimizer):
 
 
 def swap_values(pairs):
+    """Exchanges the values of each (weight, average) pair, exactly (no arithmetic)."""
     for variable, average in pairs:
         weights = variable.numpy()
         variable.assign(average)
@@ -333,7 +334,7 @@ def build_model_and_optimizer(args, images_shape, masks_shape, steps_per_epoch):
                                       args.EPOCHS, args.WARMUP_EPOCHS, args.FINAL_LR_FRACTION)
     optimizer = keras.optimizers.Adam(learning_rate=schedule,
                                       use_ema=args.WEIGHT_AVERAGE_MOMENTUM > 0,
-                                      ema_momentum=args.WEIGHT_AVERAGE_MOMENTUM or 0.99)
+                                      ema_momentum=args.WEIGHT_AVERAGE_MOMENTUM)
     optimizer.build(model.trainable_variables)
     model.compile(optimizer=optimizer, jit_compile=False)
     return model, optimizer, schedule
