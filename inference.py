@@ -275,13 +275,13 @@ def input_cases(path):
         return cases
 
 
-def read_inputs(case):
-    """What segmenting a case reads from its files: (image, label map or None, the reference
-    NIfTI whose grid and header the prediction is written on)."""
-    return (*layouts.read_case(case), layouts.reference_image(case))
+def read_inputs(case, threads):
+    """What segmenting a case reads from its files, `threads` files at a time: (image, label
+    map or None, the reference NIfTI whose grid and header the prediction is written on)."""
+    return (*layouts.read_case(case, threads), layouts.reference_image(case))
 
 
-def read_ahead(cases):
+def read_ahead(cases, threads):
     """Yields (case, a future of read_inputs(case)), reading the next case in a background
     thread while the caller segments the current one: gzip decoding and NumPy release the
     GIL, so a release folder streams instead of alternating between reading and predicting.
@@ -289,11 +289,11 @@ def read_ahead(cases):
     if not cases:
         return
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
-        upcoming = reader.submit(read_inputs, cases[0])
+        upcoming = reader.submit(read_inputs, cases[0], threads)
         for index, case in enumerate(cases):
             current = upcoming
             if index + 1 < len(cases):
-                upcoming = reader.submit(read_inputs, cases[index + 1])
+                upcoming = reader.submit(read_inputs, cases[index + 1], threads)
             yield case, current
 
 
@@ -305,12 +305,11 @@ def segment_case(model, case, options, args, output, context_slices=0, clock=Non
     clock (a Stopwatch) adds the seconds of each phase to its totals. inputs: a future of
     read_inputs(case) already under way (read_ahead); without it the case is read here."""
     clock = clock or Stopwatch()
+    threads = hardware.resolve(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS)[0]
     with clock("read"):
-        image, labels, reference = inputs.result() if inputs else read_inputs(case)
+        image, labels, reference = inputs.result() if inputs else read_inputs(case, threads)
     with clock("preprocess"):
-        imgs, _, geometry = preprocessing.preprocess_case(
-            image, None, options,
-            threads=hardware.resolve(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS)[0])
+        imgs, _, geometry = preprocessing.preprocess_case(image, None, options, threads=threads)
         check_fits(model, args.CHECKPOINT, options.image_size,
                    context.channels(image.shape[3], context_slices),
                    case.images[layouts.MODALITIES[0]])
@@ -388,7 +387,8 @@ def infer_nifti(model, args, output):
     context_slices, context_source = context_slices_for(model, args.CHECKPOINT)
     say_context(context_slices, context_source)
     rows, failures = [], []
-    for case, inputs in read_ahead(cases):
+    threads = hardware.resolve(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS)[0]
+    for case, inputs in read_ahead(cases, threads):
         try:
             row, views = segment_case(model, case, options, args, output, context_slices,
                                       inputs=inputs)

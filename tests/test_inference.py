@@ -231,7 +231,8 @@ def test_read_ahead_reads_the_next_case_while_one_is_segmented(monkeypatch):
     case that cannot be read fails alone, when its turn comes."""
     events = []
 
-    def read_inputs(case):
+    def read_inputs(case, threads):
+        assert threads == 2
         if case == "broken":
             raise layouts.CaseError("broken: unreadable")
         events.append(("read", case))
@@ -239,7 +240,7 @@ def test_read_ahead_reads_the_next_case_while_one_is_segmented(monkeypatch):
 
     monkeypatch.setattr(inference, "read_inputs", read_inputs)
     outcomes = []
-    for case, inputs in inference.read_ahead(["a", "broken", "c", "d"]):
+    for case, inputs in inference.read_ahead(["a", "broken", "c", "d"], threads=2):
         try:
             outcomes.append(inputs.result(timeout=10))
         except layouts.CaseError as error:
@@ -249,4 +250,4 @@ def test_read_ahead_reads_the_next_case_while_one_is_segmented(monkeypatch):
     assert outcomes == ["a", "broken: unreadable", "c", "d"]
     assert events.index(("read", "c")) < events.index(("segmented", "broken"))
     assert events.index(("read", "d")) < events.index(("segmented", "c"))
-    assert list(inference.read_ahead([])) == []
+    assert list(inference.read_ahead([], threads=2)) == []

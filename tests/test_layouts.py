@@ -3,6 +3,7 @@ voxel is read, one orientation for every volume and segmentations written back i
 file's own, a trailing dimension of 1. (The converter's skip path for each bad input is
 tested in test_converter_untrusted.py.)"""
 import gzip
+import re
 import tracemalloc
 
 import nibabel as nib
@@ -169,3 +170,18 @@ def test_messages_name_the_first_few_items_and_say_when_there_are_more():
     assert messages.first_few(["a", "b"], 3) == "a, b"
     assert messages.first_few(["a", "b", "c"], 3) == "a, b, c"
     assert messages.first_few(range(10_000), 3) == "0, 1, 2, ..."
+
+
+def test_a_case_read_by_two_threads_is_the_case_read_alone(tmp_path):
+    """read_case with threads reads the same arrays, in the same memory order, and a damaged
+    file still fails naming it (after the files before it were checked)."""
+    synthetic.write_dataset(str(tmp_path / "raw"), 1, seed=5, shape=SMALL_SHAPE)
+    [case] = layouts.find_cases(str(tmp_path / "raw"))[1]
+    alone, in_threads = layouts.read_case(case), layouts.read_case(case, threads=2)
+    for one, other in zip(alone, in_threads):
+        np.testing.assert_array_equal(one, other)
+        assert one.strides == other.strides
+    with open(case.images["t1ce"], "r+b") as file:  # the third of the four files
+        file.truncate(200)
+    with pytest.raises(layouts.CaseError, match=re.escape(case.images["t1ce"])):
+        layouts.read_case(case, threads=2)
