@@ -203,10 +203,10 @@ def check_scan(where, volume):
                         f"normalization (at most {limit:.3g} for {volume.size:,} voxels)")
 
 
-def read_images(case, read_volumes=None):
+def read_images(case, map_files=map):
     """([X, Y, Z, len(MODALITIES)] float32, channels in MODALITIES order, and their grid).
-    read_volumes(paths) yields read_volume(path) for each path in order (default: one after
-    the other; read_case passes a thread pool's)."""
+    The files are read by map_files(read_volume, paths): one after the other by default,
+    a thread pool's map from read_case."""
     if case.layout == "msd":
         path = case.images[MODALITIES[0]]
         image, grid = read_volume(path, ndim=4)
@@ -219,7 +219,7 @@ def read_images(case, read_volumes=None):
         return image, grid
     paths = [case.images[modality] for modality in MODALITIES]
     channels, grid = [], None
-    for path, (channel, channel_grid) in zip(paths, (read_volumes or _one_by_one)(paths)):
+    for path, (channel, channel_grid) in zip(paths, map_files(read_volume, paths)):
         if grid is None:
             grid = channel_grid
         else:
@@ -227,10 +227,6 @@ def read_images(case, read_volumes=None):
         check_scan(path, channel)
         channels.append(channel)
     return np.stack(channels, axis=-1), grid
-
-
-def _one_by_one(paths):
-    return map(read_volume, paths)
 
 
 def read_labels(case, grid, read=None):
@@ -289,16 +285,14 @@ def read_case(case, threads=1):
     orientation (nifti.CANONICAL_AXES: axis 2 axial); CaseError if unusable. With threads
     > 1 its files are read that many at a time (gzip decoding releases the GIL): inference
     reads a full-size case in 0.19 s instead of 0.24 with 2 (the converter's workers are
-    processes, one file at a time each). The checks and their order are the same either way."""
+    processes, one file at a time each). The checks, and which problem is reported first,
+    are the same either way."""
     if case.problem:
         raise CaseError(case.problem)
-    if threads == 1:
-        image, grid = read_images(case)
-        return image, read_labels(case, grid) if case.label else None
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         label_read = pool.submit(read_volume, case.label) if case.label else None
-        image, grid = read_images(case, lambda paths: pool.map(read_volume, paths))
-        return image, read_labels(case, grid, label_read) if case.label else None
+        image, grid = read_images(case, pool.map)
+        return image, read_labels(case, grid, label_read) if label_read else None
 
 
 def reference_image(case):
