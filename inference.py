@@ -104,14 +104,27 @@ def context_slices_for(model, checkpoint):
             f"the model's {channels} input channels")
 
 
+def intra_threads(args):
+    """The threads this process predicts, prepares and reads a case with (one per core it
+    owns unless NUM_INTRA_THREADS says otherwise)."""
+    return hardware.resolve(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS)[0]
+
+
+def reuse_memory_across_cases():
+    """Every case makes the same volume-sized arrays again: keep their pages instead of
+    having the kernel fault in and zero new ones (brainseg/hardware.py)."""
+    hardware.keep_freed_memory()
+    hardware.avoid_huge_pages()
+
+
 def load_model(args):
     """The model that predicts (brainseg/runtime.py: TensorFlow or OpenVINO, in the
     precision asked for), saying which."""
     check_exists(args.CHECKPOINT)
-    intra, _ = hardware.resolve(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS)
     try:
         model, description = runtime.load(args.CHECKPOINT, args.INFERENCE_RUNTIME,
-                                           args.INFERENCE_PRECISION, load_checkpoint, intra)
+                                           args.INFERENCE_PRECISION, load_checkpoint,
+                                           intra_threads(args))
     except RuntimeError as error:  # OpenVINO's errors: conversion, reading, compiling
         raise InferenceError(f"{args.CHECKPOINT}: OpenVINO failed ({error}); "
                              f"--inference-runtime tensorflow avoids it") from error
@@ -305,7 +318,7 @@ def segment_case(model, case, options, args, output, context_slices=0, clock=Non
     clock (a Stopwatch) adds the seconds of each phase to its totals. inputs: a future of
     read_inputs(case) already under way (read_ahead); without it the case is read here."""
     clock = clock or Stopwatch()
-    threads = hardware.resolve(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS)[0]
+    threads = intra_threads(args)
     with clock("read"):
         image, labels, reference = inputs.result() if inputs else read_inputs(case, threads)
     with clock("preprocess"):
@@ -387,8 +400,7 @@ def infer_nifti(model, args, output):
     context_slices, context_source = context_slices_for(model, args.CHECKPOINT)
     say_context(context_slices, context_source)
     rows, failures = [], []
-    threads = hardware.resolve(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS)[0]
-    for case, inputs in read_ahead(cases, threads):
+    for case, inputs in read_ahead(cases, intra_threads(args)):
         try:
             row, views = segment_case(model, case, options, args, output, context_slices,
                                       inputs=inputs)
@@ -435,8 +447,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     print(f"Inference\nConfiguration:\n{cli.format_config(args)}")
-    hardware.keep_freed_memory()  # every case makes the same volume-sized arrays again
-    hardware.avoid_huge_pages()
+    reuse_memory_across_cases()
     try:
         if runtime.resolve_runtime(args.INFERENCE_RUNTIME) == "tensorflow":
             configure_tensorflow(args)

@@ -147,8 +147,7 @@ def case_phases(checkpoint, case_path, name, repeats, folder):
 
 
 def _case_phases(checkpoint, case_path, name, repeats, folder):
-    hardware.keep_freed_memory()  # as inference.main does
-    hardware.avoid_huge_pages()
+    inference.reuse_memory_across_cases()  # as inference.main does
     hardware.configure(settings.NUM_INTRA_THREADS, settings.NUM_INTER_THREADS)
     args = inference.parse_args(["--input", case_path, "--checkpoint", checkpoint,
                                  "--inference-runtime", name, "--overwrite"])
