@@ -6,14 +6,16 @@ TRAIN_DIR holds, after every epoch:
                                     moments and its step counter, hence the learning-rate
                                     schedule position), written by rank 0
     training_state.json             the commit record: which state file is current, epochs
-                                    done, best validation Dice, epochs without improvement
+                                    done, best validation Dice, epochs without improvement,
+                                    and the random-number states of dropout
     model.keras                     the best epoch by validation Dice, without optimizer:
                                     what inference.py loads (compile=False, safe mode),
                                     with DESCRIPTION inside: how its input slices were made
 
 Why two files for the state: the .keras file is the format Keras 3 restores model and
 optimizer from (model.load_weights also reads the optimizer variables of a compiled model),
-but it has no place for the epoch and the early-stopping counters. Each file is written under
+but it has no place for the epoch and the early-stopping counters, and it leaves out the
+states of the layers' random-number generators (dropout's masks). Each file is written under
 a temporary name and renamed (os.replace is atomic), the state file first and the JSON last,
 so the JSON only ever names a complete state file and a crash at any moment leaves the
 previous epoch's pair intact. Older state files are deleted only after the JSON moved on.
@@ -78,11 +80,21 @@ class Progress:
 
 @dataclasses.dataclass
 class SavedState:
-    """A committed checkpoint: its progress, the .keras file with weights and optimizer, and
-    the fingerprint of the weights in it."""
+    """A committed checkpoint: its progress, the .keras file with weights and optimizer, the
+    fingerprint of the weights in it, and the random-number states (random_states)."""
     progress: Progress
     path: str
     weights_fingerprint: str = ""
+    random_states: list = None  # None: a record from before they were saved
+
+
+def random_states(model):
+    """The variables that hold the model's random-number states: one per layer that draws
+    (Dropout; Keras' SeedGenerator, a seed and a counter advanced by every draw). Keras saves
+    them neither in a .keras file nor in its weights, so without them a resumed run would draw
+    the first epoch's dropout masks again and not continue as the uninterrupted run does."""
+    return [variable for variable in model.variables
+            if variable.path.endswith("seed_generator_state")]
 
 
 def save_state(model, output_dir, progress):
@@ -91,7 +103,8 @@ def save_state(model, output_dir, progress):
     state_name = STATE_PATTERN.format(epoch=progress.epoch)
     atomic.replace_atomically(os.path.join(output_dir, state_name), model.save)
     record = dict(dataclasses.asdict(progress), state_file=state_name,
-                  weights_fingerprint=weights_fingerprint(model))
+                  weights_fingerprint=weights_fingerprint(model),
+                  random_states=[np.asarray(state).tolist() for state in random_states(model)])
     atomic.write_json(os.path.join(output_dir, STATE_RECORD), record)
     for old in glob.glob(os.path.join(output_dir, "training_state_epoch*.keras")):
         if os.path.basename(old) != state_name:
@@ -124,14 +137,16 @@ def load_state(output_dir):
         int(progress.epoch)
     except (ValueError, TypeError) as error:
         raise invalid(error) from error
-    return SavedState(progress, state_path, record.get("weights_fingerprint", ""))
+    return SavedState(progress, state_path, record.get("weights_fingerprint", ""),
+                      record.get("random_states"))
 
 
 def restore_state(model, state):
     """Loads weights and optimizer state (including optimizer.iterations, which drives the
-    learning-rate schedule) from a SavedState into an already compiled model with a built
-    optimizer. Keras skips unmatched parts of a weights file with only a warning, so the
-    restored weights are checked against the fingerprint recorded when they were saved."""
+    learning-rate schedule) and the random-number states from a SavedState into an already
+    compiled model with a built optimizer. Keras skips unmatched parts of a weights file with
+    only a warning, so the restored weights are checked against the fingerprint recorded
+    when they were saved."""
     try:
         model.load_weights(state.path)
     except Exception as error:
@@ -142,6 +157,16 @@ def restore_state(model, state):
         raise ValueError(f"{state.path}: restored weights (fingerprint {restored}) differ "
                          f"from the saved ones ({state.weights_fingerprint}); was it "
                          f"written with other model settings?")
+    if state.random_states is None:
+        return
+    variables = random_states(model)
+    if len(state.random_states) != len(variables):
+        raise ValueError(f"{state.path}: {len(state.random_states)} random-number states "
+                         f"recorded, the model has {len(variables)} (dropout on in one of "
+                         f"them, off in the other?); was it written with other model "
+                         f"settings?")
+    for variable, value in zip(variables, state.random_states):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
 def describe(manifest, context_slices=0):

@@ -15,9 +15,9 @@ from brainseg import checkpoints
 import model as unet
 
 
-def compiled_unet(steps=0):
+def compiled_unet(steps=0, dropout=0.0):
     """A tiny compiled U-Net whose optimizer made `steps` updates on random data."""
-    net = unet.build_unet(image_size=16, channels=2, base_filters=2, depth=1)
+    net = unet.build_unet(image_size=16, channels=2, base_filters=2, depth=1, dropout=dropout)
     optimizer = keras.optimizers.Adam(
         keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=100))
     optimizer.build(net.trainable_variables)
@@ -48,6 +48,24 @@ def test_state_round_trip_restores_weights_optimizer_and_progress(tmp_path):
     assert int(fresh.optimizer.iterations) == 3  # the learning-rate schedule position
     for restored, saved in zip(fresh.optimizer.variables, trained.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(restored), np.asarray(saved))
+
+
+def test_the_state_restores_where_dropout_draws_next(tmp_path):
+    """Keras saves no random-number state in a .keras file: the record carries them, so a
+    resumed run draws the dropout masks the uninterrupted run would have drawn."""
+    trained = compiled_unet(steps=3, dropout=0.5)
+    checkpoints.save_state(trained, tmp_path, checkpoints.Progress(2, 10, epoch=1))
+    fresh = compiled_unet(steps=0, dropout=0.5)
+    [trained_state], [fresh_state] = map(checkpoints.random_states, (trained, fresh))
+    assert not np.array_equal(np.asarray(trained_state), np.asarray(fresh_state))  # 3 draws
+    checkpoints.restore_state(fresh, checkpoints.load_state(tmp_path))
+    np.testing.assert_array_equal(np.asarray(fresh_state), np.asarray(trained_state))
+    images = np.random.default_rng(1).random((2, 16, 16, 2), dtype=np.float32)
+    np.testing.assert_array_equal(fresh(images, training=True), trained(images, training=True))
+
+    without_dropout = compiled_unet(steps=0)
+    with pytest.raises(ValueError, match="1 random-number states recorded, the model has 0"):
+        checkpoints.restore_state(without_dropout, checkpoints.load_state(tmp_path))
 
 
 def test_no_state_means_a_fresh_run_and_bad_records_name_the_file(tmp_path):

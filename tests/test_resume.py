@@ -18,9 +18,10 @@ from brainseg import checkpoints
 from conftest import REPO_DIR, weights_fingerprints
 
 LAUNCHER = os.path.join(REPO_DIR, "run_multinode.sh")
-# float32: the uninterrupted and the resumed run must agree bit for bit.
+# float32: the uninterrupted and the resumed run must agree bit for bit. Dropout on: its
+# masks must continue where the crashed run's stopped, not start again.
 TRAIN_FLAGS = ["--epochs", "3", "--steps-per-epoch", "60", "--log-every-steps", "10",
-               "--batch-size", "8", "--base-filters", "4", "--depth", "2",
+               "--batch-size", "8", "--base-filters", "4", "--depth", "2", "--dropout", "0.3",
                "--precision", "float32", "--early-stopping-patience", "0"]
 
 
