@@ -108,19 +108,13 @@ def model_speed(checkpoint, batch_size, repeats, intra):
         print(f"  {name:<10} {precision:<15} {VOLUME_SLICES / best:8.1f} slices/s "
               f"{best:7.3f} s per volume  x{speedup:.2f} of TensorFlow float32   "
               f"rounds: {' '.join(f'{s:.3f}' for s in rounds[key])}", flush=True)
-    print(f"  inference.py's 'auto': runtime {runtime.resolve_runtime('auto')}, precision "
-          f"{auto_precision(runtime.resolve_runtime('auto'))}")
+    auto = runtime.load(checkpoint, "auto", "auto", inference.load_checkpoint, intra)[1]
+    print(f"  inference.py's 'auto': {auto}")
     fastest = min(models, key=lambda key: figures[f"{key}_volume_s"])
     verdict = "met" if figures[f"{fastest}_volume_s"] < 1 else "NOT met"
     print(f"  target, a volume in under 1 s: {verdict} (fastest: {fastest}, "
           f"{figures[f'{fastest}_volume_s']} s)")
     return figures
-
-
-def auto_precision(name):
-    if name == "openvino":
-        return runtime.openvino_precision("auto")
-    return hardware.resolve_precision("auto")
 
 
 # --- End to end --------------------------------------------------------------------------------

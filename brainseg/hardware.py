@@ -18,6 +18,7 @@ NumPy asks the kernel for 2 MB pages for every array of 4 MB or more, each zeroe
 room for) when first touched: avoid_huge_pages.
 """
 import ctypes
+import hashlib
 import os
 
 import numpy as np
@@ -101,6 +102,18 @@ def cpu_flags(cpuinfo_path="/proc/cpuinfo"):
             return {word for line in file if line.startswith("flags") for word in line.split()}
     except OSError:  # not Linux: no way to tell
         return set()
+
+
+def cpu_id(cpuinfo_path="/proc/cpuinfo"):
+    """A short hash of the CPU's model name and feature flags: what a speed measured on one
+    machine can be reused for on the next (a cluster's nodes, a cache beside a checkpoint)."""
+    try:
+        with open(cpuinfo_path) as file:
+            lines = [line for line in file if line.startswith(("model name", "flags"))]
+    except OSError:
+        lines = []
+    described = "".join(sorted(set(lines)))
+    return hashlib.sha256(described.encode()).hexdigest()[:12]
 
 
 def cpu_supports_bfloat16(cpuinfo_path="/proc/cpuinfo"):

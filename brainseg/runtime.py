@@ -1,8 +1,8 @@
 """The inference runtime: TensorFlow, or OpenVINO, Intel's runtime built for CPU inference.
 
-OpenVINO predicts the same masks faster on a CPU (measured with bench/inference.py on a
-quiet 2-core AVX512_BF16 host without AMX: 1.16x TensorFlow float32 in float32, 2.28x in
-bfloat16, where TensorFlow's own bfloat16 reached 1.50x at batch 64). INFERENCE_RUNTIME =
+OpenVINO predicts the same masks faster on a CPU (measured with bench/inference.py on quiet
+2-core hosts without AMX: 1.16-1.31x TensorFlow float32 in float32; in bfloat16 2.28x on an
+AMD EPYC, 1.01x on a Xeon, so "auto" times both on the CPU at hand). INFERENCE_RUNTIME =
 "auto" uses it when the `openvino` package is installed, TensorFlow otherwise.
 
 OpenVINO runs a model converted to its own format (IR: an .xml graph and a .bin of weights).
@@ -20,10 +20,13 @@ OpenVINO's compiled-model cache (its CACHE_DIR property) is not used: it saved 0
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import secrets
 import shutil
 import time
+
+import numpy as np
 
 from brainseg import atomic, hardware
 
@@ -52,13 +55,14 @@ def resolve_runtime(runtime):
 
 
 def openvino_precision(precision, cpuinfo_path="/proc/cpuinfo"):
-    """OpenVINO's INFERENCE_PRECISION_HINT for an INFERENCE_PRECISION setting. "auto" is
-    bfloat16 wherever the CPU computes it in hardware (AVX512_BF16 or AMX), unlike
-    TensorFlow's "auto" (AMX only): OpenVINO's bfloat16 kernels were measured 1.97x faster
-    than its float32 ones without AMX (259 against 132 slices/s), with masks agreeing with
-    TensorFlow float32 at Dice 0.9996 (this is also OpenVINO's own default on such CPUs)."""
+    """OpenVINO's INFERENCE_PRECISION_HINT for an INFERENCE_PRECISION setting, or None for
+    "auto" on a CPU with bfloat16 in hardware (AVX512_BF16 or AMX): whether it pays there is
+    measured (fastest_model), not told by the flags. OpenVINO's bfloat16 ran the U-Net at 1.97x
+    its float32 on an AMD EPYC with AVX512_BF16 (259 against 132 slices/s) and at 0.78x on a
+    Xeon with AVX512_BF16 but no AMX (95 against 122); its masks agree with TensorFlow
+    float32's at Dice 0.9996. Without bfloat16 in hardware "auto" is float32."""
     if precision == "auto":
-        return "bf16" if hardware.cpu_supports_bfloat16(cpuinfo_path) else "f32"
+        return None if hardware.cpu_supports_bfloat16(cpuinfo_path) else "f32"
     if precision not in OPENVINO_PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(hardware.PRECISIONS)}, "
                          f"got {precision!r}")
@@ -188,11 +192,45 @@ def _shape(partial_shape):
                  for dimension in partial_shape)
 
 
+def seconds_per_batch(model, batch_size=16, repeats=3):
+    """The best of `repeats` timed predictions of a batch of zeros, after one warm-up (the
+    first inference allocates): a convolutional network's time does not depend on the values."""
+    batch = np.zeros((batch_size, *model.input_shape[1:]), np.float32)
+    model.predict_on_batch(batch)
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.predict_on_batch(batch)
+        timings.append(time.perf_counter() - started)
+    return min(timings)
+
+
+def fastest_model(ir_path, threads, cpuinfo_path="/proc/cpuinfo"):
+    """The IR compiled in float32 or bfloat16, whichever predicts faster on this CPU: both are
+    timed the first time (about a second for the U-Net) and the choice is recorded in the
+    cache entry per CPU model (precision-<cpu id>.json), so later runs compile only that one.
+    A record that cannot be written (a read-only cache) only means measuring again next time."""
+    record = os.path.join(os.path.dirname(ir_path),
+                          f"precision-{hardware.cpu_id(cpuinfo_path)}.json")
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        with open(record) as file:
+            hint = json.load(file)["hint"]
+        if hint in OPENVINO_PRECISIONS.values():
+            return OpenVINOModel(ir_path, hint, threads)
+    models = {hint: OpenVINOModel(ir_path, hint, threads) for hint in ("f32", "bf16")}
+    seconds = {hint: seconds_per_batch(model) for hint, model in models.items()}
+    hint = min(seconds, key=seconds.get)
+    with contextlib.suppress(OSError):
+        atomic.write_json(record, {"hint": hint, "seconds_per_batch": seconds})
+    return models[hint]
+
+
 def load(checkpoint, runtime, precision, load_keras, threads=0):
     """(model with input_shape, output_shape and predict_on_batch, a line saying what runs).
     TensorFlow: the Keras model in the given precision (hardware.in_precision). OpenVINO:
     the cached IR (converted now if needed), compiled for this CPU with the given number of
-    threads (0: hardware.resolve's choice)."""
+    threads (0: hardware.resolve's choice), in the precision asked for or, for "auto" on a
+    CPU with bfloat16 in hardware, the faster of the two (fastest_model)."""
     runtime = resolve_runtime(runtime)
     if runtime == "tensorflow":
         keras_model = hardware.in_precision(load_keras(checkpoint), precision)
@@ -200,6 +238,11 @@ def load(checkpoint, runtime, precision, load_keras, threads=0):
                              f"{keras_model.layers[1].dtype_policy.name}")
     ir_path, converted = cached_ir(checkpoint, load_keras)
     hint = openvino_precision(precision)
-    model = OpenVINOModel(ir_path, hint, threads or hardware.resolve(0, 0)[0])
+    threads = threads or hardware.resolve(0, 0)[0]
+    if hint is None:
+        model = fastest_model(ir_path, threads)
+        hint = f"{model.precision} (the faster on this CPU)"
+    else:
+        model = OpenVINOModel(ir_path, hint, threads)
     return model, (f"runtime: OpenVINO, {hint}, model {'converted into' if converted else 'from'}"
                    f" {os.path.dirname(ir_path)}")

@@ -168,12 +168,40 @@ def test_openvino_precision_follows_the_setting(tmp_path):
     avx512_bf16, plain = tmp_path / "bf16", tmp_path / "plain"
     avx512_bf16.write_text("flags\t\t: fpu sse2 avx512f avx512_bf16\n")
     plain.write_text("flags\t\t: fpu sse2 avx2\n")
-    assert runtime.openvino_precision("auto", str(avx512_bf16)) == "bf16"
+    assert runtime.openvino_precision("auto", str(avx512_bf16)) is None  # measured
     assert runtime.openvino_precision("auto", str(plain)) == "f32"
     assert runtime.openvino_precision("float32", str(avx512_bf16)) == "f32"
     assert runtime.openvino_precision("mixed_bfloat16", str(plain)) == "bf16"
     with pytest.raises(ValueError, match="precision must be one of"):
         runtime.openvino_precision("int8")
+
+
+def test_auto_compiles_the_precision_measured_faster_and_remembers_it_per_cpu(
+        checkpoint, tmp_path, monkeypatch):
+    ir_path, _ = runtime.cached_ir(checkpoint, inference.load_checkpoint)
+    xeon, epyc = tmp_path / "xeon", tmp_path / "epyc"
+    xeon.write_text("model name\t: Intel(R) Xeon(R)\nflags\t\t: avx512f avx512_bf16\n")
+    epyc.write_text("model name\t: AMD EPYC\nflags\t\t: avx512f avx512_bf16\n")
+    timed = []
+
+    def bf16_slower(model):  # what the Xeon without AMX measured
+        timed.append(model.precision)
+        return {"f32": 1.0, "bf16": 1.3}[model.precision]
+    monkeypatch.setattr(runtime, "seconds_per_batch", bf16_slower)
+    assert runtime.fastest_model(ir_path, 1, str(xeon)).precision == "f32"
+    assert sorted(timed) == ["bf16", "f32"]
+    assert runtime.fastest_model(ir_path, 1, str(xeon)).precision == "f32"  # recorded
+    assert len(timed) == 2
+
+    monkeypatch.setattr(runtime, "seconds_per_batch", lambda model: {"f32": 1.0, "bf16": 0.5}[
+        model.precision])
+    chosen = runtime.fastest_model(ir_path, 1, str(epyc))  # another CPU: measured again
+    assert chosen.precision == "bf16"
+    assert runtime.fastest_model(ir_path, 1, str(xeon)).precision == "f32"
+    assert hardware.cpu_id(str(xeon)) != hardware.cpu_id(str(epyc))
+    records = sorted(name for name in os.listdir(os.path.dirname(ir_path))
+                     if name.startswith("precision-"))
+    assert len(records) == 2  # (the real timing runs in the "auto" test above)
 
 
 def test_a_missing_checkpoint_is_named_whatever_the_runtime(converted_dir, tmp_path):
