@@ -95,24 +95,25 @@ def configure(intra_threads, inter_threads, ranks_on_node=1):
     return intra, inter
 
 
-def cpu_flags(cpuinfo_path="/proc/cpuinfo"):
-    """The CPU feature flags Linux lists in /proc/cpuinfo; empty elsewhere."""
+def cpuinfo_lines(prefixes, cpuinfo_path="/proc/cpuinfo"):
+    """The lines of /proc/cpuinfo that start with one of `prefixes` (one per core); none
+    where there is no such file (not Linux: no way to tell)."""
     try:
         with open(cpuinfo_path) as file:
-            return {word for line in file if line.startswith("flags") for word in line.split()}
-    except OSError:  # not Linux: no way to tell
-        return set()
+            return [line for line in file if line.startswith(prefixes)]
+    except OSError:
+        return []
+
+
+def cpu_flags(cpuinfo_path="/proc/cpuinfo"):
+    """The CPU feature flags Linux lists in /proc/cpuinfo; empty elsewhere."""
+    return {word for line in cpuinfo_lines("flags", cpuinfo_path) for word in line.split()}
 
 
 def cpu_id(cpuinfo_path="/proc/cpuinfo"):
     """A short hash of the CPU's model name and feature flags: what a speed measured on one
     machine can be reused for on the next (a cluster's nodes, a cache beside a checkpoint)."""
-    try:
-        with open(cpuinfo_path) as file:
-            lines = [line for line in file if line.startswith(("model name", "flags"))]
-    except OSError:
-        lines = []
-    described = "".join(sorted(set(lines)))
+    described = "".join(sorted(set(cpuinfo_lines(("model name", "flags"), cpuinfo_path))))
     return hashlib.sha256(described.encode()).hexdigest()[:12]
 
 

@@ -241,8 +241,9 @@ def load(checkpoint, runtime, precision, load_keras, threads=0):
     threads = threads or hardware.resolve(0, 0)[0]
     if hint is None:
         model = fastest_model(ir_path, threads)
-        hint = f"{model.precision} (the faster on this CPU)"
+        precision_said = f"{model.precision} (the faster on this CPU)"
     else:
         model = OpenVINOModel(ir_path, hint, threads)
-    return model, (f"runtime: OpenVINO, {hint}, model {'converted into' if converted else 'from'}"
-                   f" {os.path.dirname(ir_path)}")
+        precision_said = hint
+    return model, (f"runtime: OpenVINO, {precision_said}, model "
+                   f"{'converted into' if converted else 'from'} {os.path.dirname(ir_path)}")
