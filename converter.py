@@ -11,7 +11,7 @@ Cases are split by patient, never by slice: slices of one patient are nearly ide
 slice-level split would leak the test set into training. A release without label maps
 (validation data) converts images only, all into the test split.
 
-Memory stays bounded whatever the release size: cases are read by a pool of worker processes
+Memory stays bounded whatever the release size: cases are read by worker processes
 (a bounded number in flight) and appended to the .npy files in case order, so the output is
 byte-for-byte the same for any number of workers. The whole dataset is written into a hidden
 staging folder beside the data folder, manifest.json last, and swapped in when complete
@@ -20,18 +20,14 @@ killed midway leaves it untouched. The data folder is locked while converting, a
 overlap the release.
 """
 import collections
-import concurrent.futures
-import ctypes
 import dataclasses
-import multiprocessing
 import os
-import signal
 import sys
 
 import numpy as np
 from tqdm import tqdm
 
-from brainseg import cli, dataset, folders, hardware, layouts, preprocessing
+from brainseg import case_processes, cli, dataset, folders, hardware, layouts, preprocessing
 
 SETTINGS = ["RAW_DIR", "DATA_DIR", "TRAIN_FRACTION", "SPLIT_SEED", "LAYOUT", "IMAGE_SIZE",
             "CROP_SIZE", "CROP_MODE", "SLICE_POLICY", "LABEL_MODE", "IMAGE_DTYPE",
@@ -68,62 +64,26 @@ def prepare_case(case, options):
 
 WORKER_DIED = ("the worker process preparing it died (killed, by the out-of-memory killer "
                "or a signal), also when it was retried alone")
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent_pid):
-    """Pool initializer: the kernel sends this worker SIGKILL when the converter dies, however
-    it dies (SIGKILL included), so no worker outlives it holding the output files open."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def worker_pool(workers):
-    """Forked workers (not a fork server's): their parent is this process, the one to die with."""
-    return concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("fork"),
-        initializer=die_with_parent, initargs=(os.getpid(),))
 
 
 def prepared_cases(cases, options, workers):
-    """Yields (case, result of prepare_case) in case order. With several workers at most
-    2 x workers cases are in flight, so memory does not grow with the number of cases.
-
-    A worker killed midway (the out-of-memory killer's SIGKILL) breaks the whole pool; the
-    cases that were in flight are then retried one at a time, alone in a fresh worker, and
-    the one that kills its worker again is skipped. The others continue in a new pool."""
+    """Yields (case, result of prepare_case) in case order, each case prepared in a worker
+    process of its own (brainseg/case_processes.py), a bounded number in flight. A case whose
+    worker is killed midway is retried once, alone; when it kills its worker again it is
+    skipped with WORKER_DIED."""
     if workers <= 1:
         for case in cases:
             yield case, prepare_case(case, options)
         return
-    pending = collections.deque(cases)
-    while pending:
-        in_flight = collections.deque()
-        try:
-            with worker_pool(workers) as pool:
-                while pending or in_flight:
-                    while pending and len(in_flight) < 2 * workers:
-                        # Submitted before it leaves `pending`: a submit to a pool that has
-                        # just broken raises, and the case must then still be converted.
-                        future = pool.submit(prepare_case, pending[0], options)
-                        in_flight.append((pending.popleft(), future))
-                    result = in_flight[0][1].result()
-                    yield in_flight.popleft()[0], result
-        except concurrent.futures.process.BrokenProcessPool:
-            for case, _ in in_flight:
-                tqdm.write(f"WARNING: a worker process died; retrying {case.case_id} alone")
-                yield case, prepare_alone(case, options)
 
+    def prepare(case):
+        return prepare_case(case, options)
 
-def prepare_alone(case, options):
-    """prepare_case in a worker of its own: WORKER_DIED when that worker dies too."""
-    try:
-        with worker_pool(1) as pool:
-            return pool.submit(prepare_case, case, options).result()
-    except concurrent.futures.process.BrokenProcessPool:
-        return WORKER_DIED
+    def warn(case):
+        tqdm.write(f"WARNING: a worker process died; retrying {case.case_id} alone")
+
+    for case, result in case_processes.ordered_map(prepare, cases, workers, warn):
+        yield case, WORKER_DIED if result is case_processes.DIED else result
 
 
 def grid(case):

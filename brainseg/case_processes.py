@@ -1,0 +1,161 @@
+"""Runs a function over a list of items in forked worker processes and yields the results in
+item order; a worker that gets killed costs its item one retry, not the run.
+
+Why not concurrent.futures.ProcessPoolExecutor: its workers send results through one shared
+queue behind one lock. A worker killed while sending (the out-of-memory killer's SIGKILL)
+leaves half a message in the queue and the lock held: the executor's thread waits forever
+for the rest of the message, the other workers forever for the lock, and the pool hangs
+instead of reporting itself broken (CPython 3.11; the converter hung this way in CI). Here
+each worker has pipes of its own and is the only writer of its result pipe, so its death,
+at any moment, is an end-of-file on that pipe and touches nothing else.
+"""
+import collections
+import ctypes
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import traceback
+
+_FORK = multiprocessing.get_context("fork")  # the child is this process's: it dies with it
+_PR_SET_PDEATHSIG = 1
+
+
+class Died:
+    """The result of an item whose process died twice (killed, by a signal or the out-of-memory
+    killer): the first time it is retried, alone."""
+
+
+DIED = Died()
+
+
+class _Stop:
+    """Sent to a worker: no more items."""
+
+
+class ChildError(RuntimeError):
+    """The function raised in a child process; carries the child's traceback."""
+
+
+def die_with_parent(parent_pid):
+    """The kernel sends this process SIGKILL when its parent dies, however it dies (SIGKILL
+    included), so no child outlives the converter holding its output files open."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _serve(function, tasks, results, parent_pid):
+    """A worker's life: items from its task pipe, (ok, value) to its result pipe, until it
+    receives _STOP (not end-of-file: workers forked later hold copies of the pipe's writer)."""
+    die_with_parent(parent_pid)
+    while True:
+        item = tasks.recv()
+        if isinstance(item, _Stop):
+            return
+        try:
+            outcome = (True, function(item))
+        except BaseException:  # a bug or MemoryError: reported, not mistaken for a killed worker
+            outcome = (False, traceback.format_exc())
+        results.send(outcome)
+
+
+class _Worker:
+    """A forked process with two pipes of its own, items in and results out. Being the only
+    writer of its result pipe, its death at any moment is an end-of-file there."""
+
+    def __init__(self, function):
+        task_reader, self.tasks = _FORK.Pipe(duplex=False)
+        self.results, result_writer = _FORK.Pipe(duplex=False)
+        self.process = _FORK.Process(target=_serve, daemon=True,
+                                     args=(function, task_reader, result_writer, os.getpid()))
+        self.process.start()
+        task_reader.close()
+        result_writer.close()
+        self.task = None
+
+    def give(self, task):
+        self.task = task
+        try:
+            self.tasks.send(task.item)
+        except BrokenPipeError:  # already dead: its result pipe says so
+            pass
+
+    def receive(self):
+        """(ok, value) for the task it was given, or None when it died before sending all of it."""
+        try:
+            return self.results.recv()
+        except (EOFError, OSError):  # before its message, or "end of file during message"
+            self.stop(kill=True)
+            return None
+
+    def stop(self, kill=False):
+        if kill:
+            self.process.kill()
+        else:
+            try:
+                self.tasks.send(_Stop())
+            except BrokenPipeError:  # died while idle
+                pass
+        self.tasks.close()
+        self.process.join()
+        self.results.close()
+
+
+class _Task:
+    def __init__(self, item):
+        self.item, self.retried, self.done, self.result = item, False, False, None
+
+
+def ordered_map(function, items, workers, on_retry=lambda item: None):
+    """Yields (item, function(item)) in item order, computed by `workers` worker processes,
+    with at most 2 x workers items started but not yet yielded, so memory does not grow with
+    the number of items.
+
+    An item whose worker dies without its result is started again once, after
+    on_retry(item), alone (as the out-of-memory killer's victim should
+    be): nothing else starts until it ends. When it dies again the result is DIED. An
+    exception in `function` is raised here as ChildError. Workers still busy when the caller
+    stops iterating are killed."""
+    pending = collections.deque(_Task(item) for item in items)
+    started = collections.deque()  # in item order, until yielded
+    retries = collections.deque()
+    idle, busy = [], {}  # busy: result pipe -> worker
+    try:
+        while pending or started:
+            if retries and not busy:
+                assign(retries.popleft(), idle, busy, function)
+            while (pending and not retries and not any(w.task.retried for w in busy.values())
+                   and len(busy) < workers and len(started) < 2 * workers):
+                started.append(pending.popleft())
+                assign(started[-1], idle, busy, function)
+            for pipe in multiprocessing.connection.wait(list(busy)):
+                worker = busy.pop(pipe)
+                task, received = worker.task, worker.receive()
+                if received is None and not task.retried:
+                    task.retried = True
+                    on_retry(task.item)
+                    retries.append(task)
+                    continue
+                if received is not None:
+                    idle.append(worker)
+                ok, value = received or (True, DIED)
+                if not ok:
+                    raise ChildError(f"{task.item}: {value}")
+                task.done, task.result = True, value
+            while started and started[0].done:
+                task = started.popleft()
+                yield task.item, task.result
+    finally:
+        for worker in busy.values():
+            worker.stop(kill=True)
+        for worker in idle:
+            worker.stop()
+
+
+def assign(task, idle, busy, function):
+    """Gives the task to an idle worker, or to a new one."""
+    worker = idle.pop() if idle else _Worker(function)
+    worker.give(task)
+    busy[worker.results] = worker

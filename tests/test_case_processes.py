@@ -1,0 +1,116 @@
+"""brainseg/case_processes.py with real forked workers and real SIGKILLs: results in order, a
+killed worker's item retried (also when killed halfway through sending its result, where
+ProcessPoolExecutor hung), a second death reported, errors raised, nothing left running."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from brainseg import case_processes
+
+
+def first_time(marker):
+    """True the first time it is asked for this marker file (across processes)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+
+
+def kill_myself():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_results_come_in_item_order_whatever_order_they_finish_in():
+    def slow_for_small(item):
+        time.sleep(0.02 * (5 - item % 5))
+        return item * item
+
+    items = list(range(12))
+    results = list(case_processes.ordered_map(slow_for_small, items, workers=3))
+    assert results == [(item, item * item) for item in items]
+
+
+def test_a_worker_killed_is_retried_once_and_the_others_continue(tmp_path):
+    def dies_once_on_3(item):
+        if item == 3 and first_time(tmp_path / "killed"):
+            kill_myself()
+        return -item
+
+    retried = []
+    results = list(case_processes.ordered_map(dies_once_on_3, range(8), 2, retried.append))
+    assert results == [(item, -item) for item in range(8)]
+    assert retried == [3]
+
+
+def test_a_worker_killed_halfway_through_sending_its_result_is_retried(tmp_path):
+    """The result (8 MB) fills the pipe and the worker blocks sending it while the caller is
+    busy with the item before; it is killed there, leaving half a message in its pipe."""
+    big = bytes(8 << 20)
+
+    def killed_while_sending(item):
+        if item == 1 and first_time(tmp_path / "killed"):
+            threading.Timer(1.5, kill_myself).start()
+            time.sleep(0.5)  # item 0 is yielded first, and the caller then sleeps
+        return big if item == 1 else item
+
+    retried, results = [], []
+    for item, result in case_processes.ordered_map(killed_while_sending, range(3), 2,
+                                                   retried.append):
+        if item == 0:
+            time.sleep(3)  # not reading: item 1's worker blocks in send and is killed there
+        results.append((item, result))
+    assert retried == [1]
+    assert results == [(0, 0), (1, big), (2, 2)]
+
+
+def test_an_item_that_kills_its_worker_twice_is_reported_dead(tmp_path):
+    def always_dies_on_2(item):
+        if item == 2:
+            kill_myself()
+        return item
+
+    retried = []
+    results = list(case_processes.ordered_map(always_dies_on_2, range(5), 2, retried.append))
+    assert results == [(0, 0), (1, 1), (2, case_processes.DIED), (3, 3), (4, 4)]
+    assert retried == [2]
+
+
+def test_an_exception_in_the_function_is_raised_with_the_item_and_the_traceback():
+    def fails_on_1(item):
+        if item == 1:
+            raise ValueError("no such modality")
+        return item
+
+    with pytest.raises(case_processes.ChildError, match=r"(?s)1: .*ValueError: no such modality"):
+        list(case_processes.ordered_map(fails_on_1, range(4), 2))
+
+
+def test_at_most_twice_the_workers_are_started_ahead_of_the_caller(tmp_path):
+    def record_start(item):
+        (tmp_path / str(item)).touch()
+        return item
+
+    for item, _ in case_processes.ordered_map(record_start, range(20), 2):
+        if item == 0:
+            time.sleep(0.5)
+            assert len(os.listdir(tmp_path)) <= 4
+    assert len(os.listdir(tmp_path)) == 20
+
+
+def test_a_caller_that_stops_early_leaves_no_worker_running():
+    def slow(item):
+        time.sleep(0.2 if item == 0 else 60)
+        return item
+
+    results = case_processes.ordered_map(slow, range(6), 2)
+    assert next(results) == (0, 0)
+    workers = [child for child in os.listdir(f"/proc/{os.getpid()}/task")]
+    children = [int(pid) for task in workers
+                for pid in open(f"/proc/{os.getpid()}/task/{task}/children").read().split()]
+    assert children, "the busy workers should be running"
+    results.close()
+    assert not [pid for pid in children if os.path.exists(f"/proc/{pid}")]
