@@ -206,27 +206,31 @@ def check_scan(where, volume):
 def read_images(case, map_files=map):
     """([X, Y, Z, len(MODALITIES)] float32, channels in MODALITIES order, and their grid).
     The files are read by map_files(read_volume, paths): one after the other by default,
-    a thread pool's map from read_case."""
+    a thread pool's map from read_case. Each channel is a plane of its own in memory
+    (preprocessing.planar_channels)."""
     if case.layout == "msd":
         path = case.images[MODALITIES[0]]
-        image, grid = read_volume(path, ndim=4)
-        if image.shape[3] != len(MSD_CHANNELS):
+        volumes, grid = read_volume(path, ndim=4)
+        if volumes.shape[3] != len(MSD_CHANNELS):
             raise CaseError(f"{path}: expected {len(MSD_CHANNELS)} channels "
-                            f"(FLAIR, T1w, T1gd, T2w), got {image.shape[3]}")
-        image = image[..., [MSD_CHANNELS.index(modality) for modality in MODALITIES]]
+                            f"(FLAIR, T1w, T1gd, T2w), got {volumes.shape[3]}")
+        image = preprocessing.planar_channels(volumes.shape[:3], len(MODALITIES))
         for channel, modality in enumerate(MODALITIES):
+            image[..., channel] = volumes[..., MSD_CHANNELS.index(modality)]
             check_scan(f"{path} ({modality} channel)", image[..., channel])
         return image, grid
     paths = [case.images[modality] for modality in MODALITIES]
-    channels, grid = [], None
-    for path, (channel, channel_grid) in zip(paths, map_files(read_volume, paths)):
+    image, grid = None, None
+    for k, (path, (channel, channel_grid)) in enumerate(zip(paths, map_files(read_volume,
+                                                                             paths))):
         if grid is None:
             grid = channel_grid
+            image = preprocessing.planar_channels(channel.shape, len(paths))
         else:
             check_same_grid(path, channel_grid, paths[0], grid)
         check_scan(path, channel)
-        channels.append(channel)
-    return np.stack(channels, axis=-1), grid
+        image[..., k] = channel
+    return image, grid
 
 
 def read_labels(case, grid, read=None):

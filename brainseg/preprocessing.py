@@ -52,6 +52,16 @@ class Preprocessing:
         return tuple(LABEL_MODES[self.label_mode])
 
 
+def planar_channels(shape, channels):
+    """An empty float32 [X, Y, Z, channels] image whose channels are each a plane of its own,
+    x fastest (a NIfTI volume's order), rather than interleaved voxel by voxel: every step
+    that works channel by channel (the brain mask, the statistics, zeroing the background,
+    resampling) then walks contiguous memory. Interleaved, a channel is read at a 16-byte
+    stride: the brain mask and stacking the files' channels took 0.076 and 0.071 s of a
+    BraTS case's 0.49 s of preprocessing."""
+    return np.empty((channels, *shape[::-1]), np.float32).transpose(3, 2, 1, 0)
+
+
 def brain_mask(image):
     """Voxels non-zero in any modality: the brain of a skull-stripped scan. Compared channel
     by channel: numpy's any() over a last axis of 4 took 5 times as long."""
@@ -227,20 +237,26 @@ def resample(cropped, image_size, order):
     (order 0) copies pixels: the same values as the matrix product, in the input's dtype,
     without the float arithmetic.
 
-    In the memory order of a case's channels stacked last (NIfTI volumes are x-fastest,
-    then y, z), the crop is [Z, y, x, C]: it is resampled along y first, each gather a copy
-    of whole rows; the smaller result is reordered to [Z, x, y', C] and resampled along x
-    the same way, which leaves the slices in their final order. Transposing the whole crop
-    first (as the zscore's C order once did) took twice as long."""
+    In the crop's memory order: NIfTI volumes are x-fastest, then y, z, and the channels
+    are either planes of their own (images: planar_channels) or interleaved last (target
+    masks), so the crop is [C, Z, y, x] or [Z, y, x, C] in memory. It is resampled along y
+    first, each gather a copy of whole rows; the smaller result is reordered to put x
+    before y' and resampled along x the same way, which leaves the slices in their final
+    order; planar channels are interleaved last, on the resampled slices. Transposing the
+    whole crop first (as the zscore's C order once did) took twice as long."""
     rows = nearest_indices(cropped.shape[0], image_size) if order == 0 else None
     matrix = None if order == 0 else _resampling_matrix(cropped.shape[0], image_size, order)
+    planar = cropped.strides[3] > cropped.strides[2]
+    work = cropped.transpose(3, 2, 1, 0) if planar else cropped.transpose(2, 1, 0, 3)
+    y_axis = 2 if planar else 1  # then x is the next axis
 
-    def along_axis_1(array):  # [Z, a, b, C] -> [Z, a', b, C]
+    def along(array):  # resampled along y_axis
         if order == 0:
-            return array[:, rows]
-        return _resample_axis(array.astype(np.float32, copy=False), matrix, 1)
-    along_y = along_axis_1(cropped.transpose(2, 1, 0, 3))
-    return np.ascontiguousarray(along_axis_1(np.ascontiguousarray(along_y.transpose(0, 2, 1, 3))))
+            return np.take(array, rows, axis=y_axis)
+        return _resample_axis(array.astype(np.float32, copy=False), matrix, y_axis)
+    along_y = along(work)
+    along_x = along(np.ascontiguousarray(np.swapaxes(along_y, y_axis, y_axis + 1)))
+    return np.ascontiguousarray(np.moveaxis(along_x, 0, 3) if planar else along_x)
 
 
 def to_slices(volume, box, image_size, order):

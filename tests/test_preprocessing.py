@@ -132,6 +132,38 @@ def nifti_layout(volume):
     return np.ascontiguousarray(volume.transpose(2, 1, 0, 3)).transpose(2, 1, 0, 3)
 
 
+def planar_layout(volume):
+    """Laid out as read_case gives a case's image: each channel a plane of its own, x fastest."""
+    if volume.ndim == 3:
+        return nifti_layout(volume)
+    planar = preprocessing.planar_channels(volume.shape[:3], volume.shape[3])
+    planar[...] = volume
+    return planar
+
+
+def test_a_case_is_read_with_each_channel_a_plane_of_its_own(tmp_path):
+    synthetic.write_dataset(str(tmp_path), 1, seed=3, shape=(40, 36, 20))
+    _, cases = layouts.find_cases(str(tmp_path), "auto")
+    image, labels = layouts.read_case(cases[0])
+    assert image.shape == (40, 36, 20, len(layouts.MODALITIES))
+    for channel in range(image.shape[3]):
+        assert image[..., channel].flags.f_contiguous  # x fastest, nothing in between
+    assert image.strides[3] == image[..., 0].nbytes
+
+
+def test_every_memory_layout_gives_the_same_bytes():
+    """C order, a NIfTI volume's order with the channels interleaved, and planar channels:
+    the layout decides the speed only, not one bit of the slices."""
+    image, labels = case_image(7)
+    options = preprocessing.Preprocessing(48, 96, "brain_box", "brain", "regions", "float16")
+    results = [preprocessing.preprocess_case(layout(image), layout(labels), options)
+               for layout in (np.asarray, nifti_layout, planar_layout)]
+    for other in results[1:]:
+        assert other[2] == results[0][2]
+        for expected, actual in zip(results[0][:2], other[:2]):
+            assert actual.flags.c_contiguous and actual.tobytes() == expected.tobytes()
+
+
 def test_memory_order_names_the_axes_slowest_first():
     image, labels = case_image(5)
     assert preprocessing.memory_order(labels) == (0, 1, 2)
@@ -144,7 +176,7 @@ def test_memory_order_names_the_axes_slowest_first():
     preprocessing.Preprocessing(64, 80, "brain_box", "all", "whole_tumor", "float32"),
     preprocessing.Preprocessing(48, 96, "brain_box", "brain", "regions", "float16"),
 ])
-@pytest.mark.parametrize("layout", [np.asarray, nifti_layout])
+@pytest.mark.parametrize("layout", [np.asarray, nifti_layout, planar_layout])
 def test_preprocess_case_writes_the_bytes_of_the_whole_volume_reference(options, layout):
     """Normalizing only the voxels that become slices (the brain's statistics summed x
     fastest) and resampling by two taps instead of the dense product change only the
