@@ -22,7 +22,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 class Died:
-    """The result of an item whose process died twice (killed, by a signal or the out-of-memory
+    """The result of an item whose worker died twice (killed, by a signal or the out-of-memory
     killer): the first time it is retried, alone."""
 
 
@@ -48,7 +48,7 @@ def die_with_parent(parent_pid):
 
 def _serve(function, tasks, results, parent_pid):
     """A worker's life: items from its task pipe, (ok, value) to its result pipe, until it
-    receives _STOP (not end-of-file: workers forked later hold copies of the pipe's writer)."""
+    receives _Stop() (not end-of-file: workers forked later hold copies of its writer)."""
     die_with_parent(parent_pid)
     while True:
         item = tasks.recv()
