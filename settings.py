@@ -88,7 +88,8 @@ OVERSAMPLED_SLICES = "tumor"
 # turned by up to ROTATION_AUGMENTATION_DEGREES either way, as nnU-Net augments: a few
 # training cases then show tumors of many sizes and orientations. 0 turns each off.
 # Measured at 0.2 and 45 on the realistic benchmark: TC +0.012 / +0.008 on seeds 1 / 2, WT
-# +0.000 / -0.010, ET +0.003 / -0.003: gains below the seed-to-seed spread, so off.
+# +0.000 / -0.010, ET +0.003 / -0.003: gains below the seed-to-seed spread, so off. Seed 2
+# again without early stopping: WT -0.006 (23 of 24 cases worse), TC -0.004, ET -0.007.
 SCALE_AUGMENTATION = 0.0
 ROTATION_AUGMENTATION_DEGREES = 0.0
 # Random intensity changes per training slice and modality, on top of the flips and
