@@ -67,8 +67,8 @@ WORKER_DIED = ("the worker process preparing it died (killed, by the out-of-memo
 
 
 def prepared_cases(cases, options, workers):
-    """Yields (case, result of prepare_case) in case order, each case prepared in a worker
-    process of its own (brainseg/case_processes.py), a bounded number in flight. A case whose
+    """Yields (case, result of prepare_case) in case order, the cases prepared by `workers`
+    worker processes (brainseg/case_processes.py), a bounded number in flight. A case whose
     worker is killed midway is retried once, alone; when it kills its worker again it is
     skipped with WORKER_DIED."""
     if workers <= 1:
