@@ -128,7 +128,8 @@ FINAL_LR_FRACTION = 0.05
 # Keras' Adam keeps it, updated after every step with this momentum: 0.99 averages about the
 # last 100 steps), while training continues from the weights themselves; 0 turns it off.
 # Measured at 0.99 (bench/accuracy.py, 24 held-out cases): seed 1 WT +0.007, TC +0.011, ET
-# +0.004 and its worst case 0.817 -> 0.888; seed 2 every region within 0.002: off.
+# +0.004 and its worst case 0.817 -> 0.888; seed 2 every region within 0.002: off. Seed 1
+# again on another host: WT +0.011, TC +0.023, ET +0.003, worst case 0.771 -> 0.880.
 WEIGHT_AVERAGE_MOMENTUM = 0.0
 SEED = 42  # weights, shuffling and augmentation
 LOG_EVERY_STEPS = 20  # rank 0 prints a progress line this often within an epoch
