@@ -124,9 +124,10 @@ STEPS_PER_EPOCH = 0  # 0: every epoch covers the largest shard once; > 0: that m
 LEARNING_RATE = 1e-3  # single-worker (base) learning rate for Adam
 WARMUP_EPOCHS = 1
 FINAL_LR_FRACTION = 0.05
-# Validation and the exported model use a moving average of the weights (Polyak averaging;
-# Keras' Adam keeps it, updated after every step with this momentum: 0.99 averages about the
-# last 100 steps), while training continues from the weights themselves; 0 turns it off.
+# Validation and the exported model use a moving average of the weights (Polyak averaging,
+# updated after every step with this momentum: 0.99 averages about the last 100 steps),
+# while training continues from the weights themselves; 0 turns it off. It is bias-corrected
+# (brainseg/weight_average.py): short runs do not carry the untrained start in it.
 # Measured at 0.99 (bench/accuracy.py, 24 held-out cases): seed 1 WT +0.007, TC +0.011, ET
 # +0.004 and its worst case 0.817 -> 0.888; seed 2 every region within 0.002: off. Seed 1
 # again on another host: WT +0.011, TC +0.023, ET +0.003, worst case 0.771 -> 0.880.

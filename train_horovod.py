@@ -41,7 +41,8 @@ import tensorflow as tf
 
 import data
 import model as unet
-from brainseg import checkpoints, cli, context, dataset, folders, hardware, metrics, watchdog
+from brainseg import (checkpoints, cli, context, dataset, folders, hardware, metrics, watchdog,
+                      weight_average)
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE", "DICE_PER_REGION",
             "DICE_FALSE_NEGATIVE_WEIGHT", "TUMOR_SAMPLE_SHARE", "OVERSAMPLED_SLICES",
@@ -100,33 +101,6 @@ def average_batch_norm_statistics(model):
             if isinstance(layer, keras.layers.BatchNormalization):
                 for variable in layer.non_trainable_variables:
                     variable.assign(hvd.allreduce(variable.value, op=hvd.Average))
-
-
-@contextlib.contextmanager
-def averaged_weights(model, optimizer):
-    """Inside the block the model holds the moving average of its weights that Adam keeps
-    (WEIGHT_AVERAGE_MOMENTUM), so validation and the export see it; after it, its own weights
-    again, from which training and the resumable state continue. Without an average, the
-    model as it is."""
-    if not optimizer.use_ema:
-        yield
-        return
-    # Keras' own record of the averages, in the order of model.trainable_variables (the list
-    # the optimizer was built on); its SwapEMAWeights callback swaps the same way.
-    pairs = list(zip(model.trainable_variables, optimizer._model_variables_moving_average))
-    swap_values(pairs)
-    try:
-        yield
-    finally:
-        swap_values(pairs)
-
-
-def swap_values(pairs):
-    """Exchanges the values of each (weight, average) pair, exactly (no arithmetic)."""
-    for variable, average in pairs:
-        weights = variable.numpy()
-        variable.assign(average)
-        average.assign(weights)
 
 
 def make_train_step(model, optimizer, loss_fn):
@@ -332,9 +306,7 @@ def build_model_and_optimizer(args, images_shape, masks_shape, steps_per_epoch):
                             args.USE_BATCH_NORM, args.DROPOUT)
     schedule = learning_rate_schedule(args.LEARNING_RATE, hvd.size(), steps_per_epoch,
                                       args.EPOCHS, args.WARMUP_EPOCHS, args.FINAL_LR_FRACTION)
-    optimizer = keras.optimizers.Adam(learning_rate=schedule,
-                                      use_ema=args.WEIGHT_AVERAGE_MOMENTUM > 0,
-                                      ema_momentum=args.WEIGHT_AVERAGE_MOMENTUM)
+    optimizer = weight_average.AdamWithWeightAverage(schedule, args.WEIGHT_AVERAGE_MOMENTUM)
     optimizer.build(model.trainable_variables)
     model.compile(optimizer=optimizer, jit_compile=False)
     return model, optimizer, schedule
@@ -415,7 +387,7 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, descr
                                               progress.steps_per_epoch, epoch,
                                               args.LOG_EVERY_STEPS, stall_watchdog)
         average_batch_norm_statistics(model)
-        with averaged_weights(model, optimizer):
+        with weight_average.averaged_weights(model, optimizer):
             val_loss, val_dice = evaluate(eval_step, test_batches, num_regions, epoch,
                                           stall_watchdog)
         seconds_this_run.append(seconds)
@@ -432,7 +404,7 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, descr
             # The export first: a crash in between then re-runs this epoch rather than
             # leaving a state that claims a best model the export does not hold.
             if improved:
-                with averaged_weights(model, optimizer):
+                with weight_average.averaged_weights(model, optimizer):
                     checkpoints.export_for_inference(model, export_path, description)
             checkpoints.save_state(model, args.TRAIN_DIR, progress)
         stall_watchdog.feed(f"epoch {epoch + 1} checkpoint")

@@ -69,6 +69,7 @@ def test_with_a_weight_average_the_export_differs_from_the_state(converted_dir, 
     and both ranks still end identical."""
     import keras
     import numpy as np
+    import model  # noqa: F401 (registers the custom layers load_model reads)
     train_dir = tmp_path / "averaged"
     result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
                   "--data-dir", str(converted_dir), "--train-dir", str(train_dir),

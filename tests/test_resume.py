@@ -14,15 +14,17 @@ import time
 import keras
 
 import model  # noqa: F401  (registers the layers a training state holds)
-from brainseg import checkpoints
+from brainseg import checkpoints, weight_average  # noqa: F401  (and its optimizer)
 from conftest import REPO_DIR, weights_fingerprints
 
 LAUNCHER = os.path.join(REPO_DIR, "run_multinode.sh")
 # float32: the uninterrupted and the resumed run must agree bit for bit. Dropout on: its
-# masks must continue where the crashed run's stopped, not start again.
+# masks must continue where the crashed run's stopped, not start again. A weight average
+# on: it must continue too (the exported model is the average).
 TRAIN_FLAGS = ["--epochs", "3", "--steps-per-epoch", "60", "--log-every-steps", "10",
                "--batch-size", "8", "--base-filters", "4", "--depth", "2", "--dropout", "0.3",
-               "--precision", "float32", "--early-stopping-patience", "0"]
+               "--precision", "float32", "--early-stopping-patience", "0",
+               "--weight-average-momentum", "0.9"]
 
 
 def launch(converted_dir, output_dir, *extra_flags):
@@ -105,3 +107,8 @@ def test_killed_rank_stops_the_job_and_the_rerun_resumes_exactly(converted_dir, 
     final = weights_fingerprints(resumed_stdout)
     assert final["0"] == final["1"]
     assert final == weights_fingerprints(uninterrupted_stdout)
+    exports = [keras.models.load_model(folder / checkpoints.EXPORT_NAME, compile=False)
+               for folder in (output_dir, tmp_path / "uninterrupted")]
+    assert checkpoints.weights_fingerprint(exports[0]) == \
+        checkpoints.weights_fingerprint(exports[1])
+    assert checkpoints.weights_fingerprint(exports[0]) != final["0"]  # the average

@@ -3,6 +3,7 @@
 import pytest
 
 import train_horovod
+from brainseg import weight_average
 
 
 def test_learning_rate_warms_up_to_the_scaled_rate_then_decays():
@@ -25,34 +26,70 @@ def test_no_warmup_starts_at_the_scaled_rate():
     assert float(schedule(30)) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_averaged_weights_holds_adams_moving_average_and_gives_the_weights_back():
-    """Inside the block the model holds the average Adam keeps (with momentum m, after the
-    first step: a <- m a + (1 - m) w); after it, exactly its own weights again."""
+def test_the_weight_average_is_bias_corrected_and_swapped_in_only_inside_the_block():
+    """After n steps with momentum m the model holds, inside the block, the average Keras
+    would keep had it started from zero, divided by (1 - m^n): sum_i (1 - m) m^(n-i) w_i /
+    (1 - m^n), where w_i are the weights after step i. It never leans on the untrained start
+    (Keras' own average gives the first step's weights m^(n-1)). After the block the model
+    holds exactly its own weights again."""
     import keras
     import numpy as np
     net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    optimizer = keras.optimizers.Adam(0.1, use_ema=True, ema_momentum=0.5)
+    momentum, steps = 0.9, 5
+    optimizer = weight_average.AdamWithWeightAverage(0.1, momentum)
     optimizer.build(net.trainable_variables)
-    expected = None
-    for step in range(3):
-        gradients = [np.full(v.shape, step + 1.0, np.float32) for v in net.trainable_variables]
+    history = []
+    for step in range(steps):
+        gradients = [np.full(v.shape, (-1.0) ** step * (step + 1), np.float32)
+                     for v in net.trainable_variables]
         optimizer.apply(gradients, net.trainable_variables)
-        weights = [v.numpy() for v in net.trainable_variables]
-        expected = weights if expected is None else [0.5 * a + 0.5 * w for a, w
-                                                     in zip(expected, weights)]
-    with train_horovod.averaged_weights(net, optimizer):
-        for variable, average in zip(net.trainable_variables, expected):
-            np.testing.assert_allclose(variable.numpy(), average, rtol=1e-6)
-        assert not np.allclose(net.trainable_variables[0].numpy(), weights[0])
-    for variable, own in zip(net.trainable_variables, weights):
-        np.testing.assert_array_equal(variable.numpy(), own)
+        history.append([v.numpy() for v in net.trainable_variables])
+    shares = np.array([(1 - momentum) * momentum ** (steps - i) for i in range(1, steps + 1)])
+    shares /= 1 - momentum ** steps
+    assert shares.sum() == pytest.approx(1.0)
+    expected = [sum(share * weights[k] for share, weights in zip(shares, history))
+                for k in range(len(history[0]))]
+    keras_style = [momentum ** (steps - 1) * history[0][k]
+                   + sum((1 - momentum) * momentum ** (steps - i) * history[i - 1][k]
+                         for i in range(2, steps + 1)) for k in range(len(history[0]))]
+    own = history[-1]
+    with weight_average.averaged_weights(net, optimizer):
+        for variable, average, keras_average in zip(net.trainable_variables, expected,
+                                                    keras_style):
+            np.testing.assert_allclose(variable.numpy(), average, rtol=1e-5, atol=1e-6)
+            assert not np.allclose(variable.numpy(), keras_average, rtol=1e-3)
+    for variable, weights in zip(net.trainable_variables, own):
+        np.testing.assert_array_equal(variable.numpy(), weights)
+
+
+def test_the_first_average_is_the_first_steps_weights():
+    """Update 1 takes momentum 0: a run of one step validates its own weights."""
+    import keras
+    import numpy as np
+    net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    optimizer = weight_average.AdamWithWeightAverage(0.1, 0.99)
+    optimizer.build(net.trainable_variables)
+    optimizer.apply([np.ones(v.shape, np.float32) for v in net.trainable_variables],
+                    net.trainable_variables)
+    for variable, average in zip(net.trainable_variables,
+                                 optimizer._model_variables_moving_average):
+        np.testing.assert_allclose(average.numpy(), variable.numpy(), rtol=1e-6)
 
 
 def test_without_a_weight_average_the_model_stays_as_it_is():
     import keras
     net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    optimizer = keras.optimizers.Adam(0.1)
+    optimizer = weight_average.AdamWithWeightAverage(0.1, 0.0)
     optimizer.build(net.trainable_variables)
+    assert not optimizer.use_ema
     before = [v.numpy().copy() for v in net.trainable_variables]
-    with train_horovod.averaged_weights(net, optimizer):
+    with weight_average.averaged_weights(net, optimizer):
         assert all((v.numpy() == b).all() for v, b in zip(net.trainable_variables, before))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.99])
+def test_the_optimizer_survives_its_config(momentum):
+    """A saved training state stores the optimizer's config; loading it rebuilds the same."""
+    optimizer = weight_average.AdamWithWeightAverage(0.1, momentum)
+    again = weight_average.AdamWithWeightAverage.from_config(optimizer.get_config())
+    assert (again.use_ema, again.get_config()["momentum"]) == (momentum > 0, momentum)
