@@ -1,6 +1,8 @@
 """Benchmark pieces that need no run: the FLOP count behind bench/training.py's GFLOP/s
 figures, bench/allreduce.py's fit of the ring-allreduce cost model, and how
 bench/converter.py forms its ratios."""
+import os
+
 import pytest
 
 import model as unet
@@ -121,3 +123,31 @@ def test_step_profile_sorts_ops_by_the_layer_they_belong_to_and_finds_idle_time(
     events = [(None, None, start * 10**12, length * 10**12)
               for start, length in ((0, 4), (2, 4), (8, 1))]
     assert step_profile.idle_seconds(events, 10.0) == pytest.approx(3.0)
+
+
+def test_accuracy_reports_the_tumor_core_of_lower_grade_cases_apart(tmp_path):
+    """bench/accuracy.py finds the held-out cases whose ground truth has no enhancing tumor
+    (read from their NIfTI label maps) and splits the tumor core's mean Dice by them."""
+    import nibabel as nib
+    import numpy as np
+
+    from bench.accuracy import core_by_grade, format_core_by_grade, lower_grade_cases
+    from brainseg import synthetic
+    folders = [synthetic.write_case(str(tmp_path), index, seed=index, shape=(48, 48, 24))
+               for index in (1, 2, 3)]
+    seg_path = os.path.join(folders[1], f"{os.path.basename(folders[1])}_seg.nii.gz")
+    seg = nib.load(seg_path)
+    labels = np.asarray(seg.dataobj)
+    assert (labels == 4).any()
+    nib.save(nib.Nifti1Image(np.where(labels == 4, 1, labels).astype(labels.dtype), seg.affine),
+             seg_path)  # case 2 becomes lower-grade: its enhancing rim is core now
+    lower = lower_grade_cases(str(tmp_path))
+    assert lower == [os.path.basename(folders[1])]
+    result = {"lower_grade_cases": lower, "per_case": [
+        {"case": os.path.basename(folder), "tumor_core_dice": dice}
+        for folder, dice in zip(folders, (0.9, 0.2, 0.7))]}
+    split = core_by_grade(result)
+    assert split["high_grade"] == (2, pytest.approx(0.8))
+    assert split["lower_grade"] == (1, pytest.approx(0.2))
+    assert format_core_by_grade(result) == "0.800 (2) / 0.200 (1)"
+    assert core_by_grade({"per_case": result["per_case"]}) is None
