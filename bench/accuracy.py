@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.accuracy --json runs/bench_accuracy.json [--seed 1]
         [--train-cases 24] [--test-cases 24] [--name NAME] [--trained-dir DIR]
         [--convert-flags "..."] [--train-flags "..."] [--inference-flags "..."]
-    .venv/bin/python -m bench.accuracy --table RESULT.json ... [--against REFERENCE.json]
-        (a markdown table of runs; with --against, each one's paired difference from it)
+    .venv/bin/python -m bench.accuracy --table RESULT.json ... [--against REFERENCE.json ...]
+        (a markdown table of runs; with --against, each one's paired difference from the
+        reference of its seed, and the seeds of one recipe pooled)
 
 Generates realistic synthetic cases (brainseg/phantom.py: real brain anatomy, lobulated and
 multifocal tumors, thin broken enhancing rims, lower-grade tumors without enhancement,
@@ -197,35 +198,65 @@ def read_result(path):
     return result
 
 
-def paired_difference(reference, result, region, resamples=10000):
-    """(mean, 2.5th and 97.5th percentiles) of result's Dice minus reference's on the same
-    held-out cases, the interval from a bootstrap over the cases (seeded: the same numbers
-    every time), and how many cases gained and lost. Paired, it cancels what the cases
-    themselves contribute (one case's core found by every recipe, another's by none), which
-    dominates the difference between two means on different seeds."""
+def case_differences(reference, result, region):
+    """result's Dice minus reference's, case by case on the same held-out cases (sorted)."""
     before = {row["case"]: row[f"{region}_dice"] for row in reference["per_case"]}
     after = {row["case"]: row[f"{region}_dice"] for row in result["per_case"]}
     if before.keys() != after.keys():
         raise ValueError(f"{result['name']} and {reference['name']} were scored on different "
                          f"held-out cases")
-    differences = np.array([after[case] - before[case] for case in sorted(before)])
+    return np.array([after[case] - before[case] for case in sorted(before)])
+
+
+def bootstrap(differences, resamples=10000):
+    """(mean, 2.5th and 97.5th percentiles, cases gained, cases lost) of paired differences,
+    the interval from a bootstrap over the cases (seeded: the same numbers every time)."""
     means = np.random.default_rng(0).choice(differences, (resamples, len(differences))).mean(1)
     low, high = np.percentile(means, [2.5, 97.5])
     return differences.mean(), low, high, int((differences > 0).sum()), int((differences < 0).sum())
 
 
-def paired_table(reference, results):
-    """One row per result: its Dice minus the reference's per region, paired on the cases."""
-    lines = [f"Against {reference['name']} (seed {reference['seed']}, "
-             f"{len(reference['per_case'])} cases): mean Dice difference [95% interval] "
-             f"(cases better / worse)",
+def paired_difference(reference, result, region, resamples=10000):
+    """bootstrap() of result's Dice minus reference's on the same held-out cases. Paired, it
+    cancels what the cases themselves contribute (one case's core found by every recipe,
+    another's by none), which dominates the difference between two means on different
+    seeds."""
+    return bootstrap(case_differences(reference, result, region), resamples)
+
+
+def reference_for(result, references):
+    """The reference of result's seed and held-out cases among several (one per seed)."""
+    for reference in references:
+        if (reference["seed"], reference["test_cases"]) == (result["seed"], result["test_cases"]):
+            return reference
+    raise ValueError(f"no reference for {result['name']} (seed {result['seed']}, "
+                     f"{result['test_cases']} held-out cases)")
+
+
+def paired_table(references, results):
+    """One row per result: its Dice minus the reference of its seed per region, paired on the
+    cases; then, for a recipe run on several seeds, a row pooling their cases (the seeds'
+    held-out cases are distinct patients), the interval from a bootstrap over all of them."""
+    lines = [f"Against {' / '.join(sorted({r['name'] for r in references}))} (seeds "
+             f"{', '.join(str(r['seed']) for r in references)}): mean Dice difference "
+             f"[95% interval] (cases better / worse)",
              "| recipe | seed | WT | TC | ET |", "|---|---|---|---|---|"]
+
+    def row(name, seeds, differences_of):
+        cells = ["{:+.3f} [{:+.3f}, {:+.3f}] ({} / {})".format(*bootstrap(differences_of(region)))
+                 for region in REGIONS]
+        return f"| {name} | {seeds} | {' | '.join(cells)} |"
+    by_name = {}
     for result in results:
-        cells = []
-        for region in REGIONS:
-            mean, low, high, better, worse = paired_difference(reference, result, region)
-            cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] ({better} / {worse})")
-        lines.append(f"| {result['name']} | {result['seed']} | {' | '.join(cells)} |")
+        reference = reference_for(result, references)
+        by_name.setdefault(result["name"], []).append((reference, result))
+        lines.append(row(result["name"], result["seed"],
+                         lambda region: case_differences(reference, result, region)))
+    for name, pairs in by_name.items():
+        if len({result["seed"] for _, result in pairs}) > 1:
+            lines.append(row(f"{name}, pooled", " + ".join(str(r["seed"]) for _, r in pairs),
+                             lambda region: np.concatenate([case_differences(*pair, region)
+                                                            for pair in pairs])))
     return "\n".join(lines)
 
 
@@ -277,16 +308,17 @@ def main():
                              "already measured; --train-flags then only document it")
     parser.add_argument("--table", nargs="+", metavar="RESULT",
                         help="print a markdown table of earlier --json results, run nothing")
-    parser.add_argument("--against", metavar="REFERENCE",
-                        help="with --table: also each result's Dice minus this result's, "
-                             "paired case by case (same seed and held-out cases)")
+    parser.add_argument("--against", nargs="+", metavar="REFERENCE",
+                        help="with --table: also each result's Dice minus the reference of "
+                             "its seed, paired case by case (same held-out cases), and a row "
+                             "pooling the seeds of each recipe run on several")
     args = parser.parse_args()
     if args.table:
         results = [read_result(path) for path in args.table]
         print(markdown_table(results))
         if args.against:
             print()
-            print(paired_table(read_result(args.against), results))
+            print(paired_table([read_result(path) for path in args.against], results))
         return
     convert_flags, train_flags, inference_flags = (
         shlex.split(flags) for flags in (args.convert_flags, args.train_flags,

@@ -151,3 +151,25 @@ def test_accuracy_reports_the_tumor_core_of_lower_grade_cases_apart(tmp_path):
     assert split["lower_grade"] == (1, pytest.approx(0.2))
     assert format_core_by_grade(result) == "0.800 (2) / 0.200 (1)"
     assert core_by_grade({"per_case": result["per_case"]}) is None
+
+
+def test_accuracy_pairs_each_seed_with_its_reference_and_pools_the_seeds():
+    """--against with one reference per seed: each result against its own seed's, then one row
+    pooling a recipe's seeds (their held-out cases are distinct patients)."""
+    from bench.accuracy import paired_table
+
+    def result(name, seed, dice):
+        return {"name": name, "seed": seed, "test_cases": len(dice), "per_case": [
+            {"case": f"case{number}", **{f"{region}_dice": value for region in
+                                         ("whole_tumor", "tumor_core", "enhancing_tumor")}}
+            for number, value in enumerate(dice)]}
+    references = [result("defaults", 1, [0.5, 0.5]), result("defaults", 2, [0.9, 0.9])]
+    recipes = [result("new", 2, [0.9, 0.8]), result("new", 1, [0.7, 0.7])]
+    lines = paired_table(references, recipes).splitlines()
+    assert lines[3].startswith("| new | 2 | -0.050 [-0.100, +0.000] (0 / 1) |")
+    assert lines[4].startswith("| new | 1 | +0.200 [+0.200, +0.200] (2 / 0) |")
+    # Pooled: -0.1, 0, +0.2, +0.2 over the four cases.
+    assert lines[5].startswith("| new, pooled | 2 + 1 | +0.075 [")
+    assert lines[5].endswith("(2 / 1) |")
+    with pytest.raises(ValueError, match="no reference for new"):
+        paired_table(references[:1], recipes)
