@@ -129,6 +129,9 @@ def summarize(rows):
                      **{f"{region}_dice": worst[f"{region}_dice"] for region in regions}}
 
 
+ENHANCING = 4  # the internal label of enhancing tumor (layouts.INTERNAL_LABELS)
+
+
 def lower_grade_cases(release_dir):
     """The IDs of a release's cases whose ground truth has no enhancing tumor: lower-grade
     gliomas, whose tumor core is non-enhancing tumor. Those cores are the ones every recipe
@@ -137,9 +140,6 @@ def lower_grade_cases(release_dir):
     _, cases = layouts.find_cases(release_dir)
     return sorted(case.case_id for case in cases if not (layouts.to_internal_labels(
         layouts.read_volume(case.label)[0], case.layout) == ENHANCING).any())
-
-
-ENHANCING = 4  # the internal label of enhancing tumor (layouts.INTERNAL_LABELS)
 
 
 def core_by_grade(result):
