@@ -25,7 +25,7 @@ class AdamWithWeightAverage(keras.optimizers.Adam):
 
     def __init__(self, learning_rate, momentum, **kwargs):
         super().__init__(learning_rate=learning_rate, use_ema=momentum > 0,
-                         ema_momentum=momentum if momentum > 0 else 0.99, **kwargs)
+                         ema_momentum=momentum, **kwargs)
 
     def get_config(self):
         config = super().get_config()
