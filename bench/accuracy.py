@@ -199,7 +199,10 @@ def read_result(path):
 
 
 def case_differences(reference, result, region):
-    """result's Dice minus reference's, case by case on the same held-out cases (sorted)."""
+    """result's Dice minus reference's, case by case on the same held-out cases (sorted).
+    Paired, they cancel what the cases themselves contribute (one case's core found by every
+    recipe, another's by none), which dominates the difference between two means on
+    different seeds."""
     before = {row["case"]: row[f"{region}_dice"] for row in reference["per_case"]}
     after = {row["case"]: row[f"{region}_dice"] for row in result["per_case"]}
     if before.keys() != after.keys():
@@ -214,14 +217,6 @@ def bootstrap(differences, resamples=10000):
     means = np.random.default_rng(0).choice(differences, (resamples, len(differences))).mean(1)
     low, high = np.percentile(means, [2.5, 97.5])
     return differences.mean(), low, high, int((differences > 0).sum()), int((differences < 0).sum())
-
-
-def paired_difference(reference, result, region, resamples=10000):
-    """bootstrap() of result's Dice minus reference's on the same held-out cases. Paired, it
-    cancels what the cases themselves contribute (one case's core found by every recipe,
-    another's by none), which dominates the difference between two means on different
-    seeds."""
-    return bootstrap(case_differences(reference, result, region), resamples)
 
 
 def reference_for(result, references):

@@ -84,7 +84,10 @@ def test_accuracy_cache_keys_follow_the_settings_defaults(monkeypatch):
 def test_accuracy_pairs_two_recipes_case_by_case():
     """bench/accuracy.py --against: the difference of two recipes on the same held-out cases,
     with a bootstrap interval over the cases and the count of cases that gained and lost."""
-    from bench.accuracy import paired_difference
+    from bench.accuracy import bootstrap, case_differences
+
+    def paired_difference(reference, result, region):
+        return bootstrap(case_differences(reference, result, region))
 
     def result(name, tumor_core_dice):
         return {"name": name, "per_case": [
