@@ -187,7 +187,14 @@ def _official_evaluator():
     config = os.path.join(package_dir, "configs", "config_gli.yaml")
     # Loading prints that labels 1-3 are in several groups (wt, tc, et overlap by design).
     with contextlib.redirect_stdout(io.StringIO()):
-        return panoptica.Panoptica_Evaluator.load_from_config(config)
+        official = panoptica.Panoptica_Evaluator.load_from_config(config)
+    # Its matching, groups and edge cases, but only the metrics lesion_wise() reads: each
+    # lesion's Dice and HD95. The configuration's normalized surface Dice and its whole-region
+    # HD95 and NSD are distance transforms that took 70% of a case's lesion-wise scoring.
+    settings = panoptica.Panoptica_Evaluator._yaml_repr(official)
+    settings.update(instance_metrics=[panoptica.Metric.DSC, panoptica.Metric.HD95],
+                    global_metrics=[panoptica.Metric.DSC])
+    return panoptica.Panoptica_Evaluator(**settings)
 
 
 def lesion_wise(truth_labels, prediction_labels, spacing):
@@ -196,7 +203,8 @@ def lesion_wise(truth_labels, prediction_labels, spacing):
     truth_labels, prediction_labels: [X, Y, Z] label maps in the project's convention (0, 1
     necrotic/non-enhancing core, 2 edema, 4 enhancing tumor); spacing: voxel size in mm per
     axis of the arrays. They are passed to panoptica with the official glioma configuration
-    after label 4 becomes 3 (the BraTS 2023 convention that configuration expects).
+    (computing only the metrics read here) after label 4 becomes 3 (the BraTS 2023 convention
+    that configuration expects).
     Returns {region: scores} for whole_tumor, tumor_core and enhancing_tumor, where scores has
       tp, fp, fn: matched lesions, unmatched predicted lesions, missed true lesions;
       dice, hd95_mm: lesion-wise Dice and HD95 (mm) in the sense BraTS ranks by since 2023:
