@@ -54,7 +54,9 @@ USE_TRANSPOSED_CONV = True  # False: nearest-neighbour up-sampling + convolution
 USE_BATCH_NORM = True
 # Dropout at the bottleneck, measured at 0.3 (bench/accuracy.py, paired with the defaults):
 # seed 1 TC +0.068 (lower-grade cores found far better, high-grade ones a little worse), WT
-# +0.003, ET +0.006; seed 2 WT -0.009, TC +0.000, ET -0.001. Not both seeds: 0 stays.
+# +0.003, ET +0.006; seed 2 WT -0.009, TC +0.000, ET -0.001. With the weight average on
+# (the defaults since): seed 1 TC +0.021, WT -0.004, worst case 0.885 -> 0.812; seed 2 TC
+# -0.004, WT +0.000, ET -0.000. Not both seeds: 0 stays.
 DROPOUT = 0.0  # dropout rate at the bottleneck; 0 disables it
 
 # --- Training -------------------------------------------------------------------------------
