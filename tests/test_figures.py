@@ -28,3 +28,19 @@ def test_montage_outlines_every_region_in_its_colour_for_truth_and_prediction(tm
     assert colours(bottom) == {matplotlib.colors.to_hex(figures.REGION_COLORS["whole_tumor"])}
     figures.save(figure, str(tmp_path / "montage.png"))
     assert (tmp_path / "montage.png").stat().st_size > 1000
+
+
+def test_slices_holding_any_layout_equals_any_over_each_slice():
+    """The fast row reduction on inference's C-ordered volumes, the plain one on any other
+    layout: both name exactly the slices that hold a voxel of some region."""
+    rng = np.random.default_rng(1)
+    volume = np.zeros((12, 10, 9, 3), bool)  # [H, W, slices, K], as inference holds masks
+    for slice_index, region in ((1, 0), (4, 2), (8, 1)):
+        volume[rng.integers(12), rng.integers(10), slice_index, region] = True
+    expected = np.zeros(9, bool)
+    expected[[1, 4, 8]] = True
+    for layout in (volume, np.asfortranarray(volume)):
+        masks = np.moveaxis(layout, 2, 0)  # [slices, H, W, K]
+        assert (figures.slices_holding(masks) == expected).all()
+    stacked = np.ascontiguousarray(np.moveaxis(volume, 2, 0))  # already [slices, H, W, K]
+    assert (figures.slices_holding(stacked) == expected).all()
