@@ -216,6 +216,7 @@ TEST_TIME_FLIPS = False
 # (the lower-grade cases without enhancement no longer get a few false enhancing voxels).
 MIN_LESION_MM3 = 200.0  # tumor components smaller than this (mm^3) are removed
 MIN_ENHANCING_MM3 = 500.0  # a case with less enhancing tumor than this gets none (it becomes core)
+MIN_CORE_MM3 = 0.0  # tumor-core components smaller than this (mm^3) become edema
 # Lesion-wise Dice and HD95 beside the per-case figures (BraTS ranks by them since 2023),
 # computed by the official package (brats-evaluation, panoptica): a few seconds per case.
 LESION_WISE = True

@@ -10,7 +10,10 @@ post-processing (Isensee et al. 2020), each off when its threshold is 0:
 
 1. connected components of the whole tumor smaller than MIN_LESION_MM3 are removed;
 2. when the enhancing tumor of a case is smaller than MIN_ENHANCING_MM3 in all, it becomes
-   necrosis / non-enhancing core (label 1): the core stays, the enhancement goes.
+   necrosis / non-enhancing core (label 1): the core stays, the enhancement goes;
+3. connected components of the tumor core (labels 1 and 4) smaller than MIN_CORE_MM3 become
+   edema (label 2): the whole tumor stays, a fragment of core inside it goes. The lesion-wise
+   scores count each such fragment as a false-positive core lesion.
 
 Labels are the internal ones (1 core, 2 edema, 4 enhancing); volumes are in mm^3, so the
 thresholds mean the same on any grid.
@@ -21,22 +24,32 @@ import scipy.ndimage
 from brainseg import preprocessing
 
 
-def remove_small_lesions(labels, spacing, min_volume_mm3):
-    """Zeroes every 3-D connected component (26-connected) of the whole tumor whose volume is
-    below min_volume_mm3."""
-    if min_volume_mm3 <= 0 or not labels.any():
+def relabel_small_components(labels, region, spacing, min_volume_mm3, new_label):
+    """Every 3-D connected component (26-connected) of the region (a boolean mask of labels)
+    whose volume is below min_volume_mm3 gets new_label; the labels themselves if none."""
+    if min_volume_mm3 <= 0 or not region.any():
         return labels
-    # Within the tumor's bounding box (a few percent of the grid): the same components.
-    tumor = labels > 0
-    box = preprocessing.bounding_box(tumor)
-    components, count = scipy.ndimage.label(tumor[box], structure=np.ones((3, 3, 3)))
+    # Within the region's bounding box (a few percent of the grid): the same components.
+    box = preprocessing.bounding_box(region)
+    components, count = scipy.ndimage.label(region[box], structure=np.ones((3, 3, 3)))
     voxel_mm3 = float(np.prod(spacing))
     sizes = np.bincount(components.ravel(), minlength=count + 1) * voxel_mm3
     small = sizes < min_volume_mm3
     small[0] = False  # the background
-    cleaned = labels.copy()
-    cleaned[box][small[components]] = 0
-    return cleaned
+    relabelled = labels.copy()
+    relabelled[box][small[components]] = new_label
+    return relabelled
+
+
+def remove_small_lesions(labels, spacing, min_volume_mm3):
+    """Zeroes every component of the whole tumor whose volume is below min_volume_mm3."""
+    return relabel_small_components(labels, labels > 0, spacing, min_volume_mm3, 0)
+
+
+def relabel_small_cores(labels, spacing, min_volume_mm3):
+    """Every component of the tumor core (1 and 4) below min_volume_mm3 becomes edema (2)."""
+    return relabel_small_components(labels, (labels == 1) | (labels == 4), spacing,
+                                    min_volume_mm3, 2)
 
 
 def relabel_small_enhancing(labels, spacing, min_volume_mm3):
@@ -51,7 +64,9 @@ def relabel_small_enhancing(labels, spacing, min_volume_mm3):
     return relabelled
 
 
-def postprocess(labels, spacing, min_lesion_mm3, min_enhancing_mm3):
-    """Both rules, lesions first (an island's enhancement must not count towards rule 2)."""
+def postprocess(labels, spacing, min_lesion_mm3, min_enhancing_mm3, min_core_mm3=0.0):
+    """The three rules in order: lesions first (an island's enhancement must not count towards
+    rule 2), then the enhancement, whose relabelled voxels are core for rule 3."""
     labels = remove_small_lesions(labels, spacing, min_lesion_mm3)
-    return relabel_small_enhancing(labels, spacing, min_enhancing_mm3)
+    labels = relabel_small_enhancing(labels, spacing, min_enhancing_mm3)
+    return relabel_small_cores(labels, spacing, min_core_mm3)

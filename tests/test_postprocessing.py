@@ -52,3 +52,32 @@ def test_postprocess_drops_islands_before_counting_enhancement():
                                          min_enhancing_mm3=5)
     assert not (cleaned == 4).any() and not cleaned[20:, 20:].any()
     np.testing.assert_array_equal(cleaned[:15], labels[:15])
+
+
+def test_small_core_fragments_become_edema_and_the_main_core_stays():
+    labels = two_lesions()  # main core 4x4x4 = 64 voxels (8 of them enhancing)
+    labels[10:14, 4:10, 4:10] = 2  # more edema on one side of the lesion ...
+    labels[12, 6, 6] = 1  # ... holding a 1-voxel core fragment apart from the main core
+    labels[4, 9, 9] = 1  # a core voxel touching the main core at a corner: the same component
+    labels[20, 20, 12] = 4  # an enhancing voxel in the island
+    relabelled = postprocessing.relabel_small_cores(labels, (1.0, 1.0, 1.0), 10)
+    assert relabelled[12, 6, 6] == 2 and relabelled[20, 20, 12] == 2
+    assert relabelled[4, 9, 9] == 1
+    unchanged = np.ones(labels.shape, bool)
+    unchanged[12, 6, 6] = unchanged[20, 20, 12] = False
+    np.testing.assert_array_equal(relabelled[unchanged], labels[unchanged])
+    # A volume: with 2 mm voxels the fragments are 8 mm^3 each, the main core 520 mm^3.
+    coarse = postprocessing.relabel_small_cores(labels, (2.0, 2.0, 2.0), 100)
+    np.testing.assert_array_equal(coarse, relabelled)
+    np.testing.assert_array_equal(postprocessing.relabel_small_cores(labels, (1, 1, 1), 0),
+                                  labels)
+
+
+def test_enhancement_relabelled_as_core_can_then_be_a_small_core_fragment():
+    labels = two_lesions()
+    labels[20, 20, 12] = 4  # the island's only enhancing voxel, and the case's ET is small
+    labels[6:8, 6:8, 6:8] = 1
+    cleaned = postprocessing.postprocess(labels, (1.0, 1.0, 1.0), min_lesion_mm3=0,
+                                         min_enhancing_mm3=5, min_core_mm3=10)
+    assert cleaned[20, 20, 12] == 2  # 4 -> 1 (rule 2) -> 2 (rule 3)
+    np.testing.assert_array_equal(cleaned[:15], labels[:15])
