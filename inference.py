@@ -34,8 +34,9 @@ from brainseg.atomic import OutputFolder
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "CHECKPOINT", "INFERENCE_DIR", "INFERENCE_BATCH_SIZE",
             "INFERENCE_PRECISION", "INFERENCE_RUNTIME", "TEST_TIME_FLIPS", "MIN_LESION_MM3",
-            "MIN_ENHANCING_MM3", "MIN_CORE_MM3", "LESION_WISE", "NUM_FIGURES",
-            "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "CROP_SIZE", "CROP_MODE", "SLICE_POLICY"]
+            "MIN_ENHANCING_MM3", "MIN_ENHANCING_LESION_MM3", "MIN_CORE_MM3", "LESION_WISE",
+            "NUM_FIGURES", "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "CROP_SIZE", "CROP_MODE",
+            "SLICE_POLICY"]
 # Earlier spellings of the flags, still accepted (the README used them).
 ALIASES = {"INFERENCE_DIR": ["--output-dir"], "INFERENCE_BATCH_SIZE": ["--batch-size"],
            "INFERENCE_PRECISION": ["--precision"]}
@@ -49,6 +50,8 @@ HELP = {"DATA_DIR": "converted arrays (with --input: only used for a checkpoint 
         "TEST_TIME_FLIPS": "average the prediction with that of the left-right mirror image",
         "MIN_LESION_MM3": "remove predicted tumor components smaller than this; 0: keep all",
         "MIN_ENHANCING_MM3": "less enhancing tumor than this becomes core; 0: keep it",
+        "MIN_ENHANCING_LESION_MM3": "enhancing-tumor components smaller than this become "
+                                    "core; 0: keep all",
         "MIN_CORE_MM3": "tumor-core components smaller than this become edema; 0: keep all",
         "LESION_WISE": "also score lesion-wise Dice and HD95 (the official BraTS package)",
         "CROP_SIZE": "with --input, for a checkpoint without its preprocessing and no manifest",
@@ -186,7 +189,8 @@ def segmentation(labels, spacing, label_mode, args):
     """The predicted internal label map -> the post-processed one that is written, and the
     target channels [..., K] of that map, which are what is scored."""
     labels = postprocessing.postprocess(labels, spacing, args.MIN_LESION_MM3,
-                                        args.MIN_ENHANCING_MM3, args.MIN_CORE_MM3)
+                                        args.MIN_ENHANCING_MM3, args.MIN_ENHANCING_LESION_MM3,
+                                        args.MIN_CORE_MM3)
     return labels, preprocessing.targets(labels, label_mode).astype(bool)
 
 

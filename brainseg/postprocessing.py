@@ -11,9 +11,12 @@ post-processing (Isensee et al. 2020), each off when its threshold is 0:
 1. connected components of the whole tumor smaller than MIN_LESION_MM3 are removed;
 2. when the enhancing tumor of a case is smaller than MIN_ENHANCING_MM3 in all, it becomes
    necrosis / non-enhancing core (label 1): the core stays, the enhancement goes;
-3. connected components of the tumor core (labels 1 and 4) smaller than MIN_CORE_MM3 become
-   edema (label 2): the whole tumor stays, a fragment of core inside it goes. The lesion-wise
-   scores count each such fragment as a false-positive core lesion.
+3. connected components of the enhancing tumor smaller than MIN_ENHANCING_LESION_MM3 become
+   core (label 1);
+4. connected components of the tumor core (labels 1 and 4) smaller than MIN_CORE_MM3 become
+   edema (label 2): the whole tumor stays, a fragment of core inside it goes.
+The lesion-wise scores count each fragment that rules 3 and 4 take away as a false-positive
+lesion of its region.
 
 Labels are the internal ones (1 core, 2 edema, 4 enhancing); volumes are in mm^3, so the
 thresholds mean the same on any grid.
@@ -46,6 +49,11 @@ def remove_small_lesions(labels, spacing, min_volume_mm3):
     return relabel_small_components(labels, labels > 0, spacing, min_volume_mm3, 0)
 
 
+def relabel_small_enhancing_lesions(labels, spacing, min_volume_mm3):
+    """Every component of the enhancing tumor (4) below min_volume_mm3 becomes core (1)."""
+    return relabel_small_components(labels, labels == 4, spacing, min_volume_mm3, 1)
+
+
 def relabel_small_cores(labels, spacing, min_volume_mm3):
     """Every component of the tumor core (1 and 4) below min_volume_mm3 becomes edema (2)."""
     return relabel_small_components(labels, (labels == 1) | (labels == 4), spacing,
@@ -64,9 +72,11 @@ def relabel_small_enhancing(labels, spacing, min_volume_mm3):
     return relabelled
 
 
-def postprocess(labels, spacing, min_lesion_mm3, min_enhancing_mm3, min_core_mm3=0.0):
-    """The three rules in order: lesions first (an island's enhancement must not count towards
-    rule 2), then the enhancement, whose relabelled voxels are core for rule 3."""
+def postprocess(labels, spacing, min_lesion_mm3, min_enhancing_mm3,
+                min_enhancing_lesion_mm3=0.0, min_core_mm3=0.0):
+    """The four rules in order: lesions first (an island's enhancement must not count towards
+    rule 2), then the enhancement, whose relabelled voxels are core for rule 4."""
     labels = remove_small_lesions(labels, spacing, min_lesion_mm3)
     labels = relabel_small_enhancing(labels, spacing, min_enhancing_mm3)
+    labels = relabel_small_enhancing_lesions(labels, spacing, min_enhancing_lesion_mm3)
     return relabel_small_cores(labels, spacing, min_core_mm3)

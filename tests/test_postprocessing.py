@@ -81,3 +81,23 @@ def test_enhancement_relabelled_as_core_can_then_be_a_small_core_fragment():
                                          min_enhancing_mm3=5, min_core_mm3=10)
     assert cleaned[20, 20, 12] == 2  # 4 -> 1 (rule 2) -> 2 (rule 3)
     np.testing.assert_array_equal(cleaned[:15], labels[:15])
+
+
+def test_small_enhancing_fragments_become_core_then_isolated_ones_edema():
+    """Rule 3 turns an enhancing fragment into core; inside a core it stays core, and alone
+    in the edema rule 4 then makes it edema. The main enhancement stays."""
+    labels = two_lesions()  # main enhancement 2x2x2 = 8 voxels
+    labels[10:14, 4:10, 4:10] = 2  # more edema, holding ...
+    labels[11:13, 5:8, 5:8] = 1  # ... a second core of 18 voxels with ...
+    labels[12, 6, 6] = 4  # ... one enhancing voxel, and ...
+    labels[13, 4, 9] = 4  # ... an enhancing voxel alone in the edema
+    spacing = (1.0, 1.0, 1.0)
+    relabelled = postprocessing.relabel_small_enhancing_lesions(labels, spacing, 5)
+    assert relabelled[12, 6, 6] == 1 and relabelled[13, 4, 9] == 1
+    assert (relabelled[6:8, 6:8, 6:8] == 4).all()
+    cleaned = postprocessing.postprocess(labels, spacing, min_lesion_mm3=0, min_enhancing_mm3=0,
+                                         min_enhancing_lesion_mm3=5, min_core_mm3=5)
+    assert cleaned[12, 6, 6] == 1 and cleaned[13, 4, 9] == 2
+    assert (cleaned[6:8, 6:8, 6:8] == 4).all()
+    np.testing.assert_array_equal(
+        postprocessing.relabel_small_enhancing_lesions(labels, spacing, 0), labels)
