@@ -2,11 +2,12 @@
 
 A 2D model sees one slice at a time, so it leaves what a radiologist would never draw: small
 islands of "tumor" far from the lesion (a FLAIR-bright vessel or a white-matter
-hyperintensity), and a few voxels of enhancing tumor in a lesion that has none (lower-grade
-gliomas do not enhance). Both cost the most where BraTS counts: lesion-wise metrics punish
-every false-positive fragment, and an enhancing-tumor prediction in a case without
-enhancement scores Dice 0 instead of 1. Two rules, as in the BraTS-winning nnU-Net
-post-processing (Isensee et al. 2020), each off when its threshold is 0:
+hyperintensity), a few voxels of enhancing tumor in a lesion that has none (lower-grade
+gliomas do not enhance), and specks of core in the edema or of enhancement in the core.
+They cost the most where BraTS counts: lesion-wise metrics punish every false-positive
+fragment, and an enhancing-tumor prediction in a case without enhancement scores Dice 0
+instead of 1. Four rules, the first two as in the BraTS-winning nnU-Net post-processing
+(Isensee et al. 2020), each off when its threshold is 0:
 
 1. connected components of the whole tumor smaller than MIN_LESION_MM3 are removed;
 2. when the enhancing tumor of a case is smaller than MIN_ENHANCING_MM3 in all, it becomes

@@ -1,5 +1,5 @@
 """brainseg/postprocessing.py: small lesions removed by volume in mm^3, small enhancement
-relabelled as core, both off at 0."""
+relabelled as core, small fragments of enhancement and of core relabelled; each off at 0."""
 import numpy as np
 
 from brainseg import postprocessing
@@ -79,7 +79,7 @@ def test_enhancement_relabelled_as_core_can_then_be_a_small_core_fragment():
     labels[6:8, 6:8, 6:8] = 1
     cleaned = postprocessing.postprocess(labels, (1.0, 1.0, 1.0), min_lesion_mm3=0,
                                          min_enhancing_mm3=5, min_core_mm3=10)
-    assert cleaned[20, 20, 12] == 2  # 4 -> 1 (rule 2) -> 2 (rule 3)
+    assert cleaned[20, 20, 12] == 2  # 4 -> 1 (rule 2) -> 2 (rule 4)
     np.testing.assert_array_equal(cleaned[:15], labels[:15])
 
 
