@@ -66,28 +66,14 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return tf.cast(normalized, self.compute_dtype)
 
 
-def normalization_layer(use_batch_norm, fused_batch_norm, instance_norm, name, index):
-    """The layer that follows each convolution, or None: instance normalization (each slice's
-    channel to mean 0 and variance 1 over its pixels, nnU-Net's choice; Keras'
-    GroupNormalization with one group per channel), batch normalization (fused to train), or
-    none."""
-    if instance_norm:
-        return layers.GroupNormalization(groups=-1, epsilon=1e-5, name=f"{name}_in{index}")
-    if use_batch_norm:
-        batch_norm = FusedBatchNormalization if fused_batch_norm else layers.BatchNormalization
-        return batch_norm(momentum=BATCH_NORM_MOMENTUM, name=f"{name}_bn{index}")
-    return None
-
-
-def conv_block(x, filters, use_batch_norm, name, fused_batch_norm=True, instance_norm=False):
-    """Two 3x3 convolutions, each followed by ReLU (and normalization if asked)."""
+def conv_block(x, filters, use_batch_norm, name, fused_batch_norm=True):
+    """Two 3x3 convolutions, each followed by ReLU (and batch normalization if asked)."""
+    batch_norm = FusedBatchNormalization if fused_batch_norm else layers.BatchNormalization
     for i in (1, 2):
-        normalization = normalization_layer(use_batch_norm, fused_batch_norm, instance_norm, name,
-                                            i)
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=normalization is None,
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=not use_batch_norm,
                           kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
-        if normalization is not None:
-            x = normalization(x)
+        if use_batch_norm:
+            x = batch_norm(momentum=BATCH_NORM_MOMENTUM, name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
 
@@ -103,7 +89,7 @@ def upsample(x, filters, use_transposed_conv, name):
 
 def build_unet(image_size=128, channels=4, num_classes=1, base_filters=16, depth=4,
                use_transposed_conv=True, use_batch_norm=False, dropout=0.0,
-               fused_batch_norm=True, instance_norm=False):
+               fused_batch_norm=True):
     """Returns an uncompiled Keras U-Net with a sigmoid output per class. fused_batch_norm
     False trains with Keras' own (element-wise) batch normalization, for comparison."""
     if image_size % (2 ** depth):
@@ -113,19 +99,18 @@ def build_unet(image_size=128, channels=4, num_classes=1, base_filters=16, depth
     skips = []
     for level in range(depth):
         x = conv_block(x, base_filters * 2 ** level, use_batch_norm, f"down{level}",
-                       fused_batch_norm, instance_norm)
+                       fused_batch_norm)
         skips.append(x)
         x = layers.MaxPooling2D(2, name=f"down{level}_pool")(x)
     x = conv_block(x, base_filters * 2 ** depth, use_batch_norm, "bottleneck",
-                   fused_batch_norm, instance_norm)
+                   fused_batch_norm)
     if dropout:
         x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
     for level in reversed(range(depth)):
         filters = base_filters * 2 ** level
         x = upsample(x, filters, use_transposed_conv, f"up{level}")
         x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
-        x = conv_block(x, filters, use_batch_norm, f"up{level}", fused_batch_norm,
-                       instance_norm)
+        x = conv_block(x, filters, use_batch_norm, f"up{level}", fused_batch_norm)
     # float32 output even under mixed precision: sigmoid and losses need the range.
     prior_logit = math.log(OUTPUT_PRIOR / (1 - OUTPUT_PRIOR))
     outputs = layers.Conv2D(num_classes, 1, activation="sigmoid", dtype="float32",

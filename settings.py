@@ -52,10 +52,6 @@ USE_TRANSPOSED_CONV = True  # False: nearest-neighbour up-sampling + convolution
 # (bench/step_profile.py). Its moving statistics are averaged across the ranks after every
 # epoch (train_horovod.py).
 USE_BATCH_NORM = True
-# Instance normalization in place of batch normalization: each slice's feature map to mean 0
-# and variance 1 on its own (nnU-Net's choice), so the network compares a pixel with the rest
-# of its own slice, not with the batch's other cases.
-INSTANCE_NORM = False
 # Dropout at the bottleneck, measured at 0.3 (bench/accuracy.py, paired with the defaults):
 # seed 1 TC +0.068 (lower-grade cores found far better, high-grade ones a little worse), WT
 # +0.003, ET +0.006; seed 2 WT -0.009, TC +0.000, ET -0.001. With the weight average on

@@ -49,9 +49,9 @@ SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE", 
             "SCALE_AUGMENTATION", "ROTATION_AUGMENTATION_DEGREES", "INTENSITY_AUGMENTATION",
             "GAMMA_AUGMENTATION", "CONTEXT_SLICES", "LEARNING_RATE", "WARMUP_EPOCHS",
             "FINAL_LR_FRACTION", "WEIGHT_AVERAGE_MOMENTUM", "BASE_FILTERS", "DEPTH",
-            "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "INSTANCE_NORM", "DROPOUT", "SEED",
-            "LOG_EVERY_STEPS", "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION",
-            "EARLY_STOPPING_PATIENCE", "TIMELINE", "HOROVOD_CYCLE_TIME_MS", "STALL_TIMEOUT_SECONDS"]
+            "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
+            "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION", "EARLY_STOPPING_PATIENCE",
+            "TIMELINE", "HOROVOD_CYCLE_TIME_MS", "STALL_TIMEOUT_SECONDS"]
 HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled by workers",
         "STEPS_PER_EPOCH": "0 = one pass over the largest shard",
         "CONTEXT_SLICES": "neighbouring slices on each side fed as extra channels (2.5D)",
@@ -303,8 +303,7 @@ def build_model_and_optimizer(args, images_shape, masks_shape, steps_per_epoch):
                                                               args.CONTEXT_SLICES),
                             masks_shape[3],
                             args.BASE_FILTERS, args.DEPTH, args.USE_TRANSPOSED_CONV,
-                            args.USE_BATCH_NORM, args.DROPOUT,
-                            instance_norm=args.INSTANCE_NORM)
+                            args.USE_BATCH_NORM, args.DROPOUT)
     schedule = learning_rate_schedule(args.LEARNING_RATE, hvd.size(), steps_per_epoch,
                                       args.EPOCHS, args.WARMUP_EPOCHS, args.FINAL_LR_FRACTION)
     optimizer = weight_average.AdamWithWeightAverage(schedule, args.WEIGHT_AVERAGE_MOMENTUM)
