@@ -42,108 +42,90 @@ TRAIN_FRACTION = 0.85  # share of *patients* in the training split
 SPLIT_SEED = 816  # the same seed always gives the same patient split
 
 # --- Model ----------------------------------------------------------------------------------
-# Measured on the realistic benchmark (seed 1, 24 held-out cases, paired): 24 WT +0.012,
-# TC -0.059 at 2.1x the training time; 12 WT -0.002, TC -0.008, ET -0.004 at 0.8x: 16 stays.
+# 24 and 12 were measured on the realistic benchmark: the wider network lost tumor core, the
+# narrower gained nothing (README: "Every change measured").
 BASE_FILTERS = 16  # filters of the first U-Net level; doubled at every level down
 DEPTH = 4  # number of down-sampling steps
 USE_TRANSPOSED_CONV = True  # False: nearest-neighbour up-sampling + convolution
-# Batch normalization after every convolution. Measured on the realistic benchmark (two seeds,
-# 12 epochs): every region better on both, tumor core most (0.652 -> 0.720, 0.782 -> 0.806),
-# whole tumor +0.009 / +0.021, enhancing tumor +0.003 / +0.008. It trains with TensorFlow's
-# fused kernel (model.FusedBatchNormalization): 6% of a step, where Keras' own layer took 22%
-# (bench/step_profile.py). Its moving statistics are averaged across the ranks after every
-# epoch (train_horovod.py). Instance normalization in its place (nnU-Net's choice; Keras'
-# GroupNormalization, one group per channel) was measured on seed 1: WT -0.013, TC -0.073,
-# ET -0.007, 18% slower to train, and OpenVINO took 13-17 s per held-out case instead of
-# about 1.1: not kept.
+# Batch normalization after every convolution: every region better on two seeds of the
+# realistic benchmark, the tumor core most; instance normalization in its place was worse
+# everywhere (README: "Every change measured"). It trains with TensorFlow's fused kernel
+# (model.FusedBatchNormalization: 6% of a step, where Keras' own layer took 22%), and its
+# moving statistics are averaged across the ranks after every epoch (train_horovod.py).
 USE_BATCH_NORM = True
-# Dropout at the bottleneck, measured at 0.3 (bench/accuracy.py, paired with the defaults):
-# seed 1 TC +0.068 (lower-grade cores found far better, high-grade ones a little worse), WT
-# +0.003, ET +0.006; seed 2 WT -0.009, TC +0.000, ET -0.001. With the weight average on
-# (the defaults since): seed 1 TC +0.021, WT -0.004, worst case 0.885 -> 0.812; seed 2 TC
-# -0.004, WT +0.000, ET -0.000. Not both seeds: 0 stays.
+# Measured at 0.3: tumor core better on one seed, not on the other
+# (README: "Every change measured").
 DROPOUT = 0.0  # dropout rate at the bottleneck; 0 disables it
 
 # --- Training -------------------------------------------------------------------------------
-# Per worker; the global batch is BATCH_SIZE x number of workers. Measured at 16
-# (bench/accuracy.py, twice the updates): WT +0.007 / +0.002, TC +0.004 / +0.004, ET
-# +0.001 / -0.003 on seeds 1 / 2, below the seeds' spread: 32 stays.
+# Per worker; the global batch is BATCH_SIZE x number of workers. 16 (twice the updates) gained
+# less than two seeds differ (README: "Every change measured").
 BATCH_SIZE = 32
 # The loss is binary cross-entropy + soft Dice. True: the Dice term is the mean of one soft
 # Dice per region; False: one Dice pooled over the regions, where the whole tumor (the
 # largest) drowns the enhancing tumor (a few percent of it). See model.soft_dice_loss.
 DICE_PER_REGION = True
 # How much the Dice term weighs a missed tumor pixel against a false alarm (the Tversky index,
-# model.soft_dice_loss): 0.5 is Dice, above it the loss pushes towards recall. Measured at 0.7
-# on the realistic benchmark (seed 1, 24 held-out cases, paired), where the tumor cores missed
-# are under-segmented: core sensitivity up on 19 cases, but TC -0.004 (the high-grade cores
-# lost precision, two of the nine lower-grade ones gained), WT -0.009 on 17 cases: 0.5.
+# model.soft_dice_loss): 0.5 is Dice, above it the loss pushes towards recall. At 0.7 the
+# missed cores were found more, but the others lost as much precision
+# (README: "Every change measured").
 DICE_FALSE_NEGATIVE_WEIGHT = 0.5
 # Share of the training samples drawn from the slices that contain tumor (the rest from every
 # brain slice, tumor or not), as nnU-Net forces a third of its patches onto foreground; 0
-# samples every slice alike. Measured at 0.33 on the realistic benchmark, where 53% of the
-# slices hold tumor anyway: TC -0.019 on seed 1, +0.008 on seed 2, WT and ET within 0.003: off.
+# samples every slice alike. Off: at 0.33 no gain beyond the noise, 53% of the benchmark's
+# slices holding tumor anyway (README: "Every change measured").
 TUMOR_SAMPLE_SHARE = 0.0
 # Which slices that share comes from: "tumor" (any), or "unenhanced_core": slices whose tumor
-# core has no enhancing tumor (lower-grade gliomas' cores, the ends of the others), 12% of
-# the benchmark's training slices and the cores it misses most (data.OVERSAMPLED_SLICES).
-# Measured with TUMOR_SAMPLE_SHARE 0.25 on the realistic benchmark (seed 1, 24 held-out
-# cases): TC -0.071, worse on 18 cases, the lower-grade cores included: "tumor" stays.
+# core has no enhancing tumor (lower-grade gliomas' cores, the ends of the others), 12% of the
+# benchmark's training slices and the cores it misses most (data.OVERSAMPLED_SLICES).
+# Oversampling them lost tumor core, the lower-grade cores included
+# (README: "Every change measured").
 OVERSAMPLED_SLICES = "tumor"
-# Random zoom and turn of every training slice (and its mask), on top of the flips and
-# quarter turns: scaled by a factor in [1 - SCALE_AUGMENTATION, 1 + SCALE_AUGMENTATION] and
-# turned by up to ROTATION_AUGMENTATION_DEGREES either way, as nnU-Net augments: a few
-# training cases then show tumors of many sizes and orientations. 0 turns each off.
-# Measured at 0.2 and 45 on the realistic benchmark: TC +0.012 / +0.008 on seeds 1 / 2, WT
-# +0.000 / -0.010, ET +0.003 / -0.003: gains below the seed-to-seed spread, so off. Seed 2
-# again without early stopping: WT -0.006 (23 of 24 cases worse), TC -0.004, ET -0.007.
+# Random zoom and turn of every training slice (and its mask), on top of the flips and quarter
+# turns: scaled by a factor in [1 - SCALE_AUGMENTATION, 1 + SCALE_AUGMENTATION] and turned by
+# up to ROTATION_AUGMENTATION_DEGREES either way, as nnU-Net augments: a few training cases
+# then show tumors of many sizes and orientations. 0 turns each off. Off: at 0.2 and 45 degrees
+# the tumor core gained on one seed and lost on the other (README: "Every change measured").
 SCALE_AUGMENTATION = 0.0
 ROTATION_AUGMENTATION_DEGREES = 0.0
-# Random intensity changes per training slice and modality, on top of the flips and
-# rotations: brain voxels scaled by 1 + u and shifted by v, u and v uniform in +-this
-# (z-score units). Scanners and protocols change contrast and offset after normalization
-# too; 0 turns it off. Measured at 0.1 on the realistic benchmark: TC +0.011 on seed 1 but
-# -0.031 on seed 2 (WT +0.003, ET within 0.004 on both): off, no gain beyond seed noise.
+# Random intensity changes per training slice and modality, on top of the flips and rotations:
+# brain voxels scaled by 1 + u and shifted by v, u and v uniform in +-this (z-score units).
+# Scanners and protocols change contrast and offset after normalization too; 0 turns it off.
+# Off: at 0.1 the tumor core gained on one seed and lost on the other
+# (README: "Every change measured").
 INTENSITY_AUGMENTATION = 0.0
 # Random contrast curve per training slice and modality (data.random_gamma, as nnU-Net): the
 # brain's pixels raised to a power drawn log-uniformly from [1 / (1 + this), 1 + this] between
-# their minimum and maximum, their mean and spread then restored; 0 turns it off. Measured at
-# 0.5 on the realistic benchmark (24 held-out cases, paired): seed 1 WT +0.000, TC +0.006,
-# ET +0.003 but its worst WT 0.817 -> 0.718; seed 2 (stopped early after 8 epochs) every
-# region worse on nearly every case (WT -0.030, TC -0.036, ET -0.021): off.
+# their minimum and maximum, their mean and spread then restored; 0 turns it off. Off: at 0.5
+# nothing gained on one seed, every region lost on the other (README: "Every change measured").
 GAMMA_AUGMENTATION = 0.0
-# 2.5D input: each axial slice is fed with this many neighbouring slices on EACH side as
-# extra channels (1: the slice below and the one above, 12 input channels for 4 modalities;
-# 0: one slice, as before). Context across slices is how a 2D model tells a vessel or a
-# lesion's end from a blob on one slice; the neighbours come from the same case (edge-padded
-# at its ends) and are assembled as rows are read, so the converted arrays stay as they are.
-# The exported model records it, and inference follows. Measured at 1 (bench/accuracy.py,
-# without batch normalization): seed 1 TC +0.023, seed 2 every region worse (TC -0.074): off.
+# 2.5D input: each axial slice is fed with this many neighbouring slices on EACH side as extra
+# channels (1: the slice below and the one above, 12 input channels for 4 modalities; 0: one
+# slice, as before). Context across slices is how a 2D model tells a vessel or a lesion's end
+# from a blob on one slice; the neighbours come from the same case (edge-padded at its ends)
+# and are assembled as rows are read, so the converted arrays stay as they are. The exported
+# model records it, and inference follows. Off: 1 was not better, with batch normalization or
+# without (README: "Every change measured").
 CONTEXT_SLICES = 0
 # The documented recipe (bench/accuracy.py measures it); `make demo` trains fewer, to stay
-# within minutes. Measured at 24 (seed 1): WT +0.001, TC -0.059, ET -0.001 for 2.5x the time.
+# within minutes. 24 lost tumor core for 2.5x the time (README: "Every change measured").
 EPOCHS = 12
 STEPS_PER_EPOCH = 0  # 0: every epoch covers the largest shard once; > 0: that many steps
 # Synchronous data parallelism makes fewer, larger updates per epoch; the learning rate is
 # scaled by the number of workers to compensate (Goyal et al. 2017), warmed up linearly from
-# the single-worker rate over WARMUP_EPOCHS, then decayed along a cosine to
-# LEARNING_RATE * FINAL_LR_FRACTION.
-# Measured at half and twice 1e-3 on the realistic benchmark (seed 1, 24 held-out cases,
-# paired): 5e-4 WT -0.009, TC -0.089 (22 of 24 cases worse); 2e-3 WT -0.002, TC -0.025,
-# ET -0.002: 1e-3 stays.
+# the single-worker rate over WARMUP_EPOCHS, then decayed along a cosine to LEARNING_RATE *
+# FINAL_LR_FRACTION. Half and twice 1e-3 both lost tumor core
+# (README: "Every change measured").
 LEARNING_RATE = 1e-3  # single-worker (base) learning rate for Adam
 WARMUP_EPOCHS = 1
 FINAL_LR_FRACTION = 0.05
 # Validation and the exported model use a moving average of the weights (Polyak averaging,
-# updated after every step with this momentum: 0.99 averages about the last 100 steps),
-# while training continues from the weights themselves; 0 turns it off. It is bias-corrected
-# (brainseg/weight_average.py): short runs do not carry the untrained start in it.
-# Measured at 0.99 on three seeds (bench/accuracy.py, 24 held-out cases each, paired): seed 1
-# WT +0.011, TC +0.026, ET +0.003, its worst case 0.771 -> 0.885; seeds 2 and 3 within 0.004
-# (WT -0.002 / +0.000); pooled over the 72 cases WT +0.003, TC +0.009, ET +0.001. It is on
-# because no seed lost more than 0.003 in any region, the worst case of every seed is then
-# above 0.80, and the export no longer hangs on which epoch validated best on 4 patients
-# (the demo's 4 epochs: WT 0.850 -> 0.902, TC 0.735 -> 0.767, ET 0.931 -> 0.942).
+# updated after every step with this momentum: 0.99 averages about the last 100 steps), while
+# training continues from the weights themselves; 0 turns it off. It is bias-corrected
+# (brainseg/weight_average.py): short runs do not carry the untrained start in it. On: measured
+# on three seeds, it lifted one seed's worst case above 0.80 and cost no seed more than 0.003
+# in any region, and the export no longer hangs on which epoch validated best on 4 patients
+# (README: "Every change measured").
 WEIGHT_AVERAGE_MOMENTUM = 0.99
 SEED = 42  # weights, shuffling and augmentation
 LOG_EVERY_STEPS = 20  # rank 0 prints a progress line this often within an epoch
@@ -153,11 +135,9 @@ LOG_EVERY_STEPS = 20  # rank 0 prints a progress line this often within an epoch
 # /proc/cpuinfo lists amx_bf16, float32 otherwise.
 PRECISION = "auto"  # "auto" | "float32" | "mixed_bfloat16"
 # Stop when validation Dice has not improved for this many epochs; 0 never stops early (the
-# epoch with the best validation Dice is exported either way). Measured on the realistic
-# benchmark (bench/accuracy.py, 24 held-out cases, paired): with patience 5 seed 2 stopped
-# after 8 epochs, its learning rate not yet decayed, and exported epoch 3; run to the end it
-# gained WT +0.019, TC +0.035, ET +0.011 (intervals above 0). Seed 1 never stopped: the same
-# model either way. With 12 epochs of a decaying schedule on 4 validation patients, 0.
+# epoch with the best validation Dice is exported either way). 0: with patience 5 a run of the
+# realistic benchmark stopped before its learning rate had decayed, on a validation Dice of 4
+# patients, and lost every region (README: "Every change measured").
 EARLY_STOPPING_PATIENCE = 0
 # A Horovod timeline (Chrome trace of every allreduce, chrome://tracing) is written to this
 # file when set; "" writes none. It costs some speed: use it to diagnose, not in production.
@@ -216,22 +196,19 @@ INFERENCE_PRECISION = "auto"  # "auto" | "float32" | "mixed_bfloat16"
 # when the openvino package is installed, TensorFlow otherwise.
 INFERENCE_RUNTIME = "auto"  # "auto" | "openvino" | "tensorflow"
 NUM_FIGURES = 0  # PNG montages of at most this many scored cases; 0: every scored case
-# Average each slice's prediction with that of its left-right mirror image (2x the time).
-# Measured on the realistic benchmark (seed 1): WT +0.002, TC -0.009, ET +0.001: no gain.
+# Average each slice's prediction with that of its left-right mirror image (2x the time). No
+# gain on the realistic benchmark (README: "Every change measured").
 TEST_TIME_FLIPS = False
 # Post-processing of the predicted label map (brainseg/postprocessing.py); 0 turns a rule off.
-# Measured on the realistic benchmark (seed 1): ET Dice 0.704 -> 0.954, WT and TC unchanged
-# (the lower-grade cases without enhancement no longer get a few false enhancing voxels).
+# The largest gain on the realistic benchmark: the lower-grade cases, which have no enhancing
+# tumor, no longer get a few false enhancing voxels (README: "Every change measured").
 MIN_LESION_MM3 = 200.0  # tumor components smaller than this (mm^3) are removed
 MIN_ENHANCING_MM3 = 500.0  # a case with less enhancing tumor than this gets none (it becomes core)
 # Components of the enhancing tumor smaller than this (mm^3) become core, and then components
 # of the tumor core smaller than MIN_CORE_MM3 become edema: fragments scattered in the tumor,
-# each a false-positive lesion for the lesion-wise scores BraTS ranks by. Measured on the
-# realistic benchmark (the defaults' models of three seeds, 72 held-out cases, per-case Dice
-# within 0.001 throughout): the core rule at 200 took the lesion-wise TC Dice from 0.263 /
-# 0.335 / 0.374 to 0.409 / 0.619 / 0.630 (at 1000: TC -0.003 on seed 1, a case losing its
-# whole core); the enhancing rule then, at 150, the lesion-wise ET Dice from 0.539 / 0.757 /
-# 0.732 to 0.830 / 0.843 / 0.845 (at 50: 0.795 / 0.865 / 0.804).
+# each a false-positive lesion for the lesion-wise scores BraTS ranks by. Together they raised
+# the lesion-wise TC and ET Dice on three seeds, per-case Dice within 0.001
+# (README: "Every change measured").
 MIN_ENHANCING_LESION_MM3 = 150.0
 MIN_CORE_MM3 = 200.0
 # Lesion-wise Dice and HD95 beside the per-case figures (BraTS ranks by them since 2023),
