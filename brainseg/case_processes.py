@@ -8,9 +8,19 @@ for the rest of the message, the other workers forever for the lock, and the poo
 instead of reporting itself broken (CPython 3.11; the converter hung this way in CI). Here
 each worker has pipes of its own and is the only writer of its result pipe, so its death,
 at any moment, is an end-of-file on that pipe and touches nothing else.
+
+A forked child inherits every Python object of its parent, including garbage not yet
+collected: a TensorFlow dataset iterator, an OpenVINO compiled model. Were the child's garbage
+collector to destroy one, its C++ destructor would wait for threads that exist only in the
+parent: the child hangs, or aborts ("terminate called after throwing an instance of
+'std::system_error'"). In CI every worker of a conversion aborted so, in a test process that
+had trained and segmented before. So the parent collects its garbage and freezes
+what remains before it forks (the recipe of Python's gc.freeze documentation): the child
+collects only what it makes itself.
 """
 import collections
 import ctypes
+import gc
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -70,7 +80,12 @@ class _Worker:
         self.results, result_writer = _FORK.Pipe(duplex=False)
         self.process = _FORK.Process(target=_serve, daemon=True,
                                      args=(function, task_reader, result_writer, os.getpid()))
-        self.process.start()
+        gc.collect()  # the parent's garbage is destroyed here, with the threads it belongs to
+        gc.freeze()  # and the child never collects what it inherits
+        try:
+            self.process.start()
+        finally:
+            gc.unfreeze()
         task_reader.close()
         result_writer.close()
         self.task = None

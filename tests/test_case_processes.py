@@ -1,14 +1,20 @@
 """brainseg/case_processes.py with real forked workers and real SIGKILLs: results in order, a
 killed worker's item retried (also when killed halfway through sending its result, where
-ProcessPoolExecutor hung), a second death reported, errors raised, nothing left running."""
+ProcessPoolExecutor hung), a second death reported, errors raised, nothing left running, and
+the parent's garbage (a TensorFlow iterator among it) never destroyed in a worker."""
+import gc
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
 import pytest
 
 from brainseg import case_processes
+from conftest import REPO_DIR
 
 
 def first_time(marker):
@@ -114,3 +120,55 @@ def test_a_caller_that_stops_early_leaves_no_worker_running():
     assert children, "the busy workers should be running"
     results.close()
     assert not [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+
+
+class FatalOutsideItsProcess:
+    """Stands for an object with threads (a TensorFlow iterator, an OpenVINO model): destroyed
+    in a forked child, it kills the child, as their C++ destructors hang or abort there."""
+
+    def __init__(self):
+        self.owner, self.cycle = os.getpid(), self  # a cycle: only the collector frees it
+
+    def __del__(self):
+        if os.getpid() != self.owner:
+            kill_myself()
+
+
+def collect_and_double(item):
+    gc.collect()  # the child's collector runs, whenever its allocations would make it run
+    return 2 * item
+
+
+def test_the_parents_garbage_is_not_destroyed_in_a_worker():
+    FatalOutsideItsProcess()  # garbage at the fork
+    retried = []
+    results = list(case_processes.ordered_map(collect_and_double, range(4), 2, retried.append))
+    assert results == [(item, 2 * item) for item in range(4)]
+    assert retried == []
+
+
+def test_workers_survive_a_tensorflow_iterator_left_as_garbage_in_the_parent():
+    """The conversion CI saw fail: workers forked by a process that had used TensorFlow. A
+    prefetching iterator destroyed in a forked child waits forever for its thread."""
+    script = textwrap.dedent("""
+        import gc, sys
+        import numpy as np, tensorflow as tf
+        from brainseg import case_processes
+
+        def collect_and_double(item):
+            gc.collect()
+            return 2 * item
+
+        dataset = tf.data.Dataset.from_tensor_slices(np.arange(8.0)).batch(2).prefetch(2)
+        iterator = iter(dataset)
+        next(iterator)
+        holder = {"iterator": iterator}
+        holder["itself"] = holder  # a cycle: garbage once dropped, until a collection
+        del iterator, holder
+        print(list(case_processes.ordered_map(collect_and_double, range(4), 2)))
+        """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_DIR, capture_output=True,
+                            text=True, timeout=120,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_DIR))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "[(0, 0), (1, 2), (2, 4), (3, 6)]", result.stdout
