@@ -30,6 +30,8 @@ IMAGE_SIZE = 128  # each axial slice is brought to IMAGE_SIZE x IMAGE_SIZE
 CROP_MODE = "center"  # "center": CROP_SIZE square at the grid centre (seed project), same
 #                       scale for every case; "brain_box": the brain's bounding square, more
 #                       pixels on the brain but a scale that differs between cases
+#                       (measured: no gain beyond the seed-to-seed spread; README:
+#                       "Every change measured")
 CROP_SIZE = 192  # side of the centre crop (voxels); BraTS brains fit inside 192x192
 SLICE_POLICY = "brain"  # "brain": only slices containing brain; "all": every axial slice
 # "regions": whole tumor, tumor core and enhancing tumor channels, the three regions BraTS
