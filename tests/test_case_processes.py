@@ -5,7 +5,6 @@ the parent's garbage (a TensorFlow iterator among it) never destroyed in a worke
 import gc
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -14,7 +13,7 @@ import time
 import pytest
 
 from brainseg import case_processes
-from conftest import REPO_DIR
+from conftest import run
 
 
 def first_time(marker):
@@ -151,7 +150,7 @@ def test_workers_survive_a_tensorflow_iterator_left_as_garbage_in_the_parent():
     """The conversion CI saw fail: workers forked by a process that had used TensorFlow. A
     prefetching iterator destroyed in a forked child waits forever for its thread."""
     script = textwrap.dedent("""
-        import gc, sys
+        import gc
         import numpy as np, tensorflow as tf
         from brainseg import case_processes
 
@@ -167,8 +166,6 @@ def test_workers_survive_a_tensorflow_iterator_left_as_garbage_in_the_parent():
         del iterator, holder
         print(list(case_processes.ordered_map(collect_and_double, range(4), 2)))
         """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_DIR, capture_output=True,
-                            text=True, timeout=120,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_DIR))
+    result = run([sys.executable, "-c", script], timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[-2] == "[(0, 0), (1, 2), (2, 4), (3, 6)]", result.stdout
+    assert result.stdout.splitlines()[-1] == "[(0, 0), (1, 2), (2, 4), (3, 6)]", result.stdout
