@@ -31,13 +31,14 @@ from brainseg import case_processes, cli, dataset, folders, hardware, layouts, p
 
 SETTINGS = ["RAW_DIR", "DATA_DIR", "TRAIN_FRACTION", "SPLIT_SEED", "LAYOUT", "IMAGE_SIZE",
             "CROP_SIZE", "CROP_MODE", "SLICE_POLICY", "LABEL_MODE", "IMAGE_DTYPE",
-            "CONVERT_WORKERS", "STRICT"]
+            "CONVERT_WORKERS", "CASE_TIMEOUT_SECONDS", "STRICT"]
 # Earlier spellings of the flags, still accepted (the README used them).
 ALIASES = {"DATA_DIR": ["--out-dir"], "TRAIN_FRACTION": ["--split"], "SPLIT_SEED": ["--seed"],
            "CONVERT_WORKERS": ["--workers"]}
 HELP = {"LAYOUT": "auto, " + ", ".join(layouts.LAYOUTS), "CROP_MODE": "center or brain_box",
         "SLICE_POLICY": "brain or all", "LABEL_MODE": "whole_tumor or regions",
         "IMAGE_DTYPE": "float16 or float32", "CONVERT_WORKERS": "0 = one per core",
+        "CASE_TIMEOUT_SECONDS": "0 = no limit",
         "STRICT": "fail when any case is skipped"}
 
 
@@ -66,24 +67,27 @@ WORKER_DIED = ("the worker process preparing it died (killed, by the out-of-memo
                "or a signal), also when it was retried alone")
 
 
-def prepared_cases(cases, options, workers):
+def prepared_cases(cases, options, workers, timeout):
     """Yields (case, result of prepare_case) in case order, the cases prepared by `workers`
     worker processes (brainseg/case_processes.py), a bounded number in flight. A case whose
-    worker is killed midway is retried once, alone; when it kills its worker again it is
-    skipped with WORKER_DIED."""
-    if workers <= 1:
-        for case in cases:
-            yield case, prepare_case(case, options)
-        return
-
+    worker is killed midway, or takes more than `timeout` seconds (0: no limit), is retried
+    once, alone; when that happens again it is skipped with the reason."""
     def prepare(case):
         return prepare_case(case, options)
 
-    def warn(case):
-        tqdm.write(f"WARNING: a worker process died; retrying {case.case_id} alone")
+    def warn(case, lost):
+        what = (f"took more than {timeout:g} s" if lost is case_processes.TIMED_OUT
+                else "died")
+        tqdm.write(f"WARNING: the worker process preparing {case.case_id} {what}; "
+                   f"retrying it alone")
 
-    for case, result in case_processes.ordered_map(prepare, cases, workers, warn):
-        yield case, WORKER_DIED if result is case_processes.DIED else result
+    for case, result in case_processes.ordered_map(prepare, cases, workers, warn, timeout):
+        if result is case_processes.DIED:
+            result = WORKER_DIED
+        elif result is case_processes.TIMED_OUT:
+            result = (f"not prepared within {timeout:g} s (--case-timeout-seconds), also when "
+                      f"retried alone: a file on a stalled network filesystem, a hung worker?")
+        yield case, result
 
 
 def grid(case):
@@ -92,7 +96,7 @@ def grid(case):
     return layouts.case_grid(case)
 
 
-def convert_split(split, cases, options, out_dir, workers, with_masks, skipped):
+def convert_split(split, cases, options, out_dir, workers, with_masks, skipped, timeout):
     """Fills temporary imgs_<split>.npy (and msks_<split>.npy); returns the manifest entries
     and the writers, which the caller finishes or discards once every split is done."""
     grids = {}  # from the headers alone: the output is sized before any voxel is read
@@ -111,7 +115,7 @@ def convert_split(split, cases, options, out_dir, workers, with_masks, skipped):
         writers.append(dataset.NpyAppender(msks_path, total,
                                            (size, size, len(options.target_names)), np.uint8))
     entries = []
-    progress = tqdm(prepared_cases(cases, options, workers), total=len(cases),
+    progress = tqdm(prepared_cases(cases, options, workers, timeout), total=len(cases),
                     desc=f"{split:>5} cases", unit="case")
     for case, result in progress:
         if isinstance(result, str):
@@ -176,7 +180,8 @@ def convert(args, layout, cases, options, workers, with_masks, out_dir):
     for split, ids in (("train", train_ids), ("test", test_ids)):
         members = [case for case_id in ids for case in by_id[case_id]]
         splits[split], split_writers = convert_split(split, members, options, out_dir,
-                                                     workers, with_masks, skipped)
+                                                     workers, with_masks, skipped,
+                                                     args.CASE_TIMEOUT_SECONDS)
         writers.extend(split_writers)
 
     converted = sum(len(entries) for entries in splits.values())

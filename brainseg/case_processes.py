@@ -1,5 +1,6 @@
 """Runs a function over a list of items in forked worker processes and yields the results in
-item order; a worker that gets killed costs its item one retry, not the run.
+item order; a worker that gets killed, or that hangs past a time limit, costs its item one
+retry, not the run.
 
 Why not concurrent.futures.ProcessPoolExecutor: its workers send results through one shared
 queue behind one lock. A worker killed while sending (the out-of-memory killer's SIGKILL)
@@ -21,14 +22,17 @@ collects only what it makes itself.
 import collections
 import ctypes
 import gc
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import time
 import traceback
 
 _FORK = multiprocessing.get_context("fork")  # the child is this process's: it dies with it
 _PR_SET_PDEATHSIG = 1
+_STOP_SECONDS = 10  # an idle worker told to stop ends at once; one that does not is killed
 
 
 class Died:
@@ -37,6 +41,15 @@ class Died:
 
 
 DIED = Died()
+
+
+class TimedOut:
+    """The result of an item whose worker ran past the time limit twice without an answer
+    (a read stuck on a network filesystem, a stopped process): each time the worker is killed,
+    the first time the item retried, alone."""
+
+
+TIMED_OUT = TimedOut()
 
 
 class _Stop:
@@ -88,10 +101,11 @@ class _Worker:
             gc.unfreeze()
         task_reader.close()
         result_writer.close()
-        self.task = None
+        self.task, self.deadline = None, math.inf
 
-    def give(self, task):
+    def give(self, task, timeout=None):
         self.task = task
+        self.deadline = time.monotonic() + timeout if timeout else math.inf
         try:
             self.tasks.send(task.item)
         except BrokenPipeError:  # already dead: its result pipe says so
@@ -106,13 +120,13 @@ class _Worker:
             return None
 
     def stop(self, kill=False):
-        if kill:
-            self.process.kill()
-        else:
+        if not kill:
             try:
                 self.tasks.send(_Stop())
             except BrokenPipeError:  # died while idle
                 pass
+            self.process.join(_STOP_SECONDS)
+        self.process.kill()
         self.tasks.close()
         self.process.join()
         self.results.close()
@@ -123,16 +137,17 @@ class _Task:
         self.item, self.retried, self.done, self.result = item, False, False, None
 
 
-def ordered_map(function, items, workers, on_retry=lambda item: None):
+def ordered_map(function, items, workers, on_retry=lambda item, lost: None, timeout=None):
     """Yields (item, function(item)) in item order, computed by `workers` worker processes,
     with at most 2 x workers items started but not yet yielded, so memory does not grow with
     the number of items.
 
-    An item whose worker dies without its result is started again once, after
-    on_retry(item), alone (as the out-of-memory killer's victim should
-    be): nothing else starts until it ends. When it dies again the result is DIED. An
-    exception in `function` is raised here as ChildError. Workers still busy when the caller
-    stops iterating are killed."""
+    An item whose worker dies without its result (lost: DIED), or has not answered `timeout`
+    seconds after it got the item (lost: TIMED_OUT; the worker is killed), is started again
+    once, after on_retry(item, lost), alone (as the out-of-memory killer's victim should be):
+    nothing else starts until it ends. When it is lost again the result is DIED or TIMED_OUT.
+    An exception in `function` is raised here as ChildError. Workers still busy when the
+    caller stops iterating are killed."""
     pending = collections.deque(_Task(item) for item in items)
     started = collections.deque()  # in item order, until yielded
     retries = collections.deque()
@@ -140,22 +155,21 @@ def ordered_map(function, items, workers, on_retry=lambda item: None):
     try:
         while pending or started:
             if retries and not busy:
-                assign(retries.popleft(), idle, busy, function)
+                assign(retries.popleft(), idle, busy, function, timeout)
             while (pending and not retries and not any(w.task.retried for w in busy.values())
                    and len(busy) < workers and len(started) < 2 * workers):
                 started.append(pending.popleft())
-                assign(started[-1], idle, busy, function)
-            for pipe in multiprocessing.connection.wait(list(busy)):
-                worker = busy.pop(pipe)
-                task, received = worker.task, worker.receive()
-                if received is None and not task.retried:
+                assign(started[-1], idle, busy, function, timeout)
+            for worker, (ok, value) in answers(busy):
+                task = worker.task
+                lost = ok and isinstance(value, (Died, TimedOut))
+                if lost and not task.retried:
                     task.retried = True
-                    on_retry(task.item)
+                    on_retry(task.item, value)
                     retries.append(task)
                     continue
-                if received is not None:
+                if not lost:
                     idle.append(worker)
-                ok, value = received or (True, DIED)
                 if not ok:
                     raise ChildError(f"{task.item}: {value}")
                 task.done, task.result = True, value
@@ -169,8 +183,27 @@ def ordered_map(function, items, workers, on_retry=lambda item: None):
             worker.stop()
 
 
-def assign(task, idle, busy, function):
+def assign(task, idle, busy, function, timeout):
     """Gives the task to an idle worker, or to a new one."""
     worker = idle.pop() if idle else _Worker(function)
-    worker.give(task)
+    worker.give(task, timeout)
     busy[worker.results] = worker
+
+
+def answers(busy):
+    """Waits until busy workers answer, die or pass their deadline, takes them out of busy and
+    returns them with (ok, value): the function's result, or DIED, or TIMED_OUT for a worker
+    that was killed at its deadline."""
+    deadline = min((worker.deadline for worker in busy.values()), default=math.inf)
+    wait = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
+    found = []
+    for pipe in multiprocessing.connection.wait(list(busy), wait):
+        worker = busy.pop(pipe)
+        found.append((worker, worker.receive() or (True, DIED)))
+    now = time.monotonic()
+    for pipe, worker in list(busy.items()):
+        if worker.deadline <= now:
+            del busy[pipe]
+            worker.stop(kill=True)
+            found.append((worker, (True, TIMED_OUT)))
+    return found

@@ -1,7 +1,8 @@
 """brainseg/case_processes.py with real forked workers and real SIGKILLs: results in order, a
 killed worker's item retried (also when killed halfway through sending its result, where
-ProcessPoolExecutor hung), a second death reported, errors raised, nothing left running, and
-the parent's garbage (a TensorFlow iterator among it) never destroyed in a worker."""
+ProcessPoolExecutor hung), a second death reported, a hung worker killed at the time limit,
+errors raised, nothing left running, and the parent's garbage (a TensorFlow iterator among it)
+never destroyed in a worker."""
 import gc
 import os
 import signal
@@ -29,6 +30,19 @@ def kill_myself():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def recording(retried):
+    """An on_retry that appends (item, DIED or TIMED_OUT) to retried."""
+    return lambda item, lost: retried.append((item, lost))
+
+
+def living_children():
+    """The pids of this process's children that are still running (not zombies)."""
+    pids = [int(pid) for task in os.listdir(f"/proc/{os.getpid()}/task")
+            for pid in open(f"/proc/{os.getpid()}/task/{task}/children").read().split()]
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")
+            and open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"]
+
+
 def test_results_come_in_item_order_whatever_order_they_finish_in():
     def slow_for_small(item):
         time.sleep(0.02 * (5 - item % 5))
@@ -46,9 +60,9 @@ def test_a_worker_killed_is_retried_once_and_the_others_continue(tmp_path):
         return -item
 
     retried = []
-    results = list(case_processes.ordered_map(dies_once_on_3, range(8), 2, retried.append))
+    results = list(case_processes.ordered_map(dies_once_on_3, range(8), 2, recording(retried)))
     assert results == [(item, -item) for item in range(8)]
-    assert retried == [3]
+    assert retried == [(3, case_processes.DIED)]
 
 
 def test_a_worker_killed_halfway_through_sending_its_result_is_retried(tmp_path):
@@ -64,11 +78,11 @@ def test_a_worker_killed_halfway_through_sending_its_result_is_retried(tmp_path)
 
     retried, results = [], []
     for item, result in case_processes.ordered_map(killed_while_sending, range(3), 2,
-                                                   retried.append):
+                                                   recording(retried)):
         if item == 0:
             time.sleep(3)  # not reading: item 1's worker blocks in send and is killed there
         results.append((item, result))
-    assert retried == [1]
+    assert retried == [(1, case_processes.DIED)]
     assert results == [(0, 0), (1, big), (2, 2)]
 
 
@@ -79,9 +93,74 @@ def test_an_item_that_kills_its_worker_twice_is_reported_dead(tmp_path):
         return item
 
     retried = []
-    results = list(case_processes.ordered_map(always_dies_on_2, range(5), 2, retried.append))
+    results = list(case_processes.ordered_map(always_dies_on_2, range(5), 2, recording(retried)))
     assert results == [(0, 0), (1, 1), (2, case_processes.DIED), (3, 3), (4, 4)]
-    assert retried == [2]
+    assert retried == [(2, case_processes.DIED)]
+
+
+def test_a_worker_that_hangs_is_killed_at_the_time_limit_and_its_item_retried(tmp_path):
+    def hangs_once_on_2(item):
+        if item == 2 and first_time(tmp_path / "hung"):
+            time.sleep(3600)  # a read stuck on a network filesystem
+        return -item
+
+    retried = []
+    start = time.monotonic()
+    results = list(case_processes.ordered_map(hangs_once_on_2, range(6), 2, recording(retried),
+                                              timeout=1))
+    assert results == [(item, -item) for item in range(6)]
+    assert retried == [(2, case_processes.TIMED_OUT)]
+    assert time.monotonic() - start < 30
+    assert not living_children()
+
+
+def test_an_item_that_hangs_twice_is_reported_timed_out_and_the_others_complete():
+    def always_hangs_on_1(item):
+        if item == 1:
+            time.sleep(3600)
+        return item
+
+    retried = []
+    results = list(case_processes.ordered_map(always_hangs_on_1, range(4), 2,
+                                              recording(retried), timeout=1))
+    assert results == [(0, 0), (1, case_processes.TIMED_OUT), (2, 2), (3, 3)]
+    assert retried == [(1, case_processes.TIMED_OUT)]
+    assert not living_children()
+
+
+def test_an_item_slower_than_the_others_but_within_the_time_limit_is_not_retried():
+    def slow_on_0(item):
+        time.sleep(1.5 if item == 0 else 0.01)
+        return item
+
+    retried = []
+    results = list(case_processes.ordered_map(slow_on_0, range(6), 2, recording(retried),
+                                              timeout=4))
+    assert results == [(item, item) for item in range(6)]
+    assert retried == []
+
+
+def test_an_idle_worker_that_does_not_stop_is_killed(monkeypatch):
+    """A worker stopped (SIGSTOP) while it waits for work never reads the request to stop."""
+    monkeypatch.setattr(case_processes, "_STOP_SECONDS", 1)
+
+    def stops_itself_once_idle(item):
+        if item == 0:
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGSTOP)).start()
+        return item
+
+    def consume():
+        for result in case_processes.ordered_map(stops_itself_once_idle, range(1), 1):
+            time.sleep(1)  # the worker, idle, is stopped meanwhile
+            done.append(result)
+        done.append("workers stopped")
+
+    done = []
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert done == [(0, 0), "workers stopped"], "stopping a worker that does not stop hung"
+    assert not living_children()
 
 
 def test_an_exception_in_the_function_is_raised_with_the_item_and_the_traceback():
@@ -141,7 +220,8 @@ def collect_and_double(item):
 def test_the_parents_garbage_is_not_destroyed_in_a_worker():
     FatalOutsideItsProcess()  # garbage at the fork
     retried = []
-    results = list(case_processes.ordered_map(collect_and_double, range(4), 2, retried.append))
+    results = list(case_processes.ordered_map(collect_and_double, range(4), 2,
+                                              recording(retried)))
     assert results == [(item, 2 * item) for item in range(4)]
     assert retried == []
 

@@ -1,6 +1,6 @@
 """Faults during conversion, each reproduced with a real converter process: killed converter,
-killed worker, full disk, read-only folder, two conversions at once, overlapping folders.
-Every one ends in a clear message, and the previous dataset intact (checked by hash)."""
+killed worker, hung worker, full disk, read-only folder, two conversions at once, overlapping
+folders. Every one ends in a clear message, and the previous dataset intact (checked by hash)."""
 import contextlib
 import hashlib
 import os
@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from brainseg import dataset, folders, synthetic
+import converter
+from brainseg import dataset, folders, layouts, synthetic
 from conftest import REPO_DIR, SMALL_CROP_SIZE, SMALL_IMAGE_SIZE, SMALL_SHAPE, convert
 
 
@@ -121,8 +122,47 @@ def test_a_worker_killed_midway_is_retried_and_the_output_is_unchanged(many_case
     os.kill(children(process.pid)[0], signal.SIGKILL)  # what the out-of-memory killer does
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
-    assert "a worker process died; retrying" in stdout + stderr
+    assert "died; retrying it alone" in stdout + stderr
     assert hashes(out_dir) == hashes(clean)
+
+
+def test_a_worker_that_hangs_is_killed_at_the_time_limit_and_the_output_is_unchanged(
+        many_cases, tmp_path):
+    """A stopped worker (SIGSTOP) neither answers nor dies, as one stuck reading from a stalled
+    network filesystem: at --case-timeout-seconds it is killed and its case retried alone."""
+    clean = tmp_path / "clean"
+    assert run_converter(many_cases, clean, "--workers", "2").returncode == 0
+    out_dir = tmp_path / "out"
+    process = subprocess.Popen(
+        converter_command(many_cases, out_dir, "--workers", "2", "--case-timeout-seconds", "3"),
+        cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: len(children(process.pid)) >= 2)
+    time.sleep(0.2)
+    assert process.poll() is None, "the conversion finished before a worker could be stopped"
+    os.kill(children(process.pid)[0], signal.SIGSTOP)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "took more than 3 s; retrying it alone" in stdout + stderr
+    assert "skipped" not in stdout
+    assert hashes(out_dir) == hashes(clean)
+
+
+def test_a_case_that_hangs_again_when_retried_is_skipped_naming_the_time_limit(
+        raw_dir, monkeypatch):
+    _, cases = layouts.find_cases(str(raw_dir), "auto")
+    hung = cases[1].case_id
+
+    def prepare_case(case, options):  # the forked workers inherit this stand-in
+        if case.case_id == hung:
+            time.sleep(3600)
+        return f"prepared {case.case_id}"
+
+    monkeypatch.setattr(converter, "prepare_case", prepare_case)
+    results = {case.case_id: result for case, result
+               in converter.prepared_cases(cases[:4], None, workers=2, timeout=1)}
+    assert results.pop(hung).startswith("not prepared within 1 s (--case-timeout-seconds)")
+    assert results == {case.case_id: f"prepared {case.case_id}" for case in cases[:4]
+                       if case.case_id != hung}
 
 
 @contextlib.contextmanager
