@@ -192,12 +192,9 @@ def test_a_caller_that_stops_early_leaves_no_worker_running():
 
     results = case_processes.ordered_map(slow, range(6), 2)
     assert next(results) == (0, 0)
-    workers = [child for child in os.listdir(f"/proc/{os.getpid()}/task")]
-    children = [int(pid) for task in workers
-                for pid in open(f"/proc/{os.getpid()}/task/{task}/children").read().split()]
-    assert children, "the busy workers should be running"
+    assert living_children(), "the busy workers should be running"
     results.close()
-    assert not [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+    assert not living_children()
 
 
 class FatalOutsideItsProcess:
