@@ -24,6 +24,24 @@ SMALL_CROP_SIZE = 48
 NUM_CASES = 6
 
 
+def children(pid):
+    """The pids of a process's children, whichever of its threads started them (/proc)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as file:
+            found += [int(child) for child in file.read().split()]
+    return found
+
+
+def alive(pid):
+    """Whether a process is running (not gone, not a zombie awaiting its parent's wait)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def convert(raw_dir, out_dir, *extra):
     converter.main(["--raw-dir", str(raw_dir), "--out-dir", str(out_dir),
                     "--image-size", str(SMALL_IMAGE_SIZE), "--crop-size", str(SMALL_CROP_SIZE),

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from brainseg import case_processes
-from conftest import run
+from conftest import alive, children, run
 
 
 def first_time(marker):
@@ -37,10 +37,7 @@ def recording(retried):
 
 def living_children():
     """The pids of this process's children that are still running (not zombies)."""
-    pids = [int(pid) for task in os.listdir(f"/proc/{os.getpid()}/task")
-            for pid in open(f"/proc/{os.getpid()}/task/{task}/children").read().split()]
-    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")
-            and open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"]
+    return [pid for pid in children(os.getpid()) if alive(pid)]
 
 
 def test_results_come_in_item_order_whatever_order_they_finish_in():

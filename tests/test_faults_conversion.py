@@ -13,7 +13,8 @@ import pytest
 
 import converter
 from brainseg import dataset, folders, layouts, synthetic
-from conftest import REPO_DIR, SMALL_CROP_SIZE, SMALL_IMAGE_SIZE, SMALL_SHAPE, convert
+from conftest import (REPO_DIR, SMALL_CROP_SIZE, SMALL_IMAGE_SIZE, SMALL_SHAPE, alive, children,
+                      convert)
 
 
 def converter_command(raw_dir, out_dir, *extra):
@@ -57,15 +58,6 @@ def many_cases(tmp_path_factory):
     return root
 
 
-def children(pid):
-    """The pids of a process's children, whichever of its threads started them (/proc)."""
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as file:
-            found += [int(child) for child in file.read().split()]
-    return found
-
-
 def wait_for(condition, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -73,14 +65,6 @@ def wait_for(condition, timeout=60):
             return True
         time.sleep(0.02)
     return False
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_a_killed_conversion_leaves_the_previous_dataset_whole_and_no_worker(
