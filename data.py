@@ -22,11 +22,15 @@ def shard_indices(num_samples, rank, num_ranks):
     return np.arange(rank, num_samples, num_ranks)
 
 
-def steps_per_epoch(num_samples, num_ranks, batch_size):
-    """Steps every rank runs per epoch: enough for the largest shard to be seen once. Smaller
-    shards wrap around (the dataset repeats), so no rank finishes early and hangs the rest."""
+def steps_per_epoch(num_samples, num_ranks, batch_size, min_samples=0):
+    """Steps every rank runs per epoch: enough for the largest shard to be seen once, and for
+    the ranks together to draw at least `min_samples` slices (a small dataset is then seen
+    more than once per epoch, as nnU-Net fixes an epoch's iterations rather than its data).
+    Smaller shards wrap around (the dataset repeats), so no rank finishes early and hangs the
+    rest."""
     largest_shard = math.ceil(num_samples / num_ranks)
-    return max(1, math.ceil(largest_shard / batch_size))
+    return max(1, math.ceil(largest_shard / batch_size),
+               math.ceil(min_samples / (num_ranks * batch_size)))
 
 
 def row_reader(array):

@@ -44,16 +44,18 @@ import model as unet
 from brainseg import (checkpoints, cli, context, dataset, folders, hardware, metrics, watchdog,
                       weight_average)
 
-SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "BATCH_SIZE", "DICE_PER_REGION",
-            "DICE_FALSE_NEGATIVE_WEIGHT", "TUMOR_SAMPLE_SHARE", "OVERSAMPLED_SLICES",
-            "SCALE_AUGMENTATION", "ROTATION_AUGMENTATION_DEGREES", "INTENSITY_AUGMENTATION",
-            "GAMMA_AUGMENTATION", "CONTEXT_SLICES", "LEARNING_RATE", "WARMUP_EPOCHS",
-            "FINAL_LR_FRACTION", "WEIGHT_AVERAGE_MOMENTUM", "BASE_FILTERS", "DEPTH",
-            "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED", "LOG_EVERY_STEPS",
-            "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION", "EARLY_STOPPING_PATIENCE",
-            "TIMELINE", "HOROVOD_CYCLE_TIME_MS", "STALL_TIMEOUT_SECONDS"]
+SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "MIN_SLICES_PER_EPOCH",
+            "BATCH_SIZE", "DICE_PER_REGION", "DICE_FALSE_NEGATIVE_WEIGHT", "TUMOR_SAMPLE_SHARE",
+            "OVERSAMPLED_SLICES", "SCALE_AUGMENTATION", "ROTATION_AUGMENTATION_DEGREES",
+            "INTENSITY_AUGMENTATION", "GAMMA_AUGMENTATION", "CONTEXT_SLICES", "LEARNING_RATE",
+            "WARMUP_EPOCHS", "FINAL_LR_FRACTION", "WEIGHT_AVERAGE_MOMENTUM", "BASE_FILTERS",
+            "DEPTH", "USE_TRANSPOSED_CONV", "USE_BATCH_NORM", "DROPOUT", "SEED",
+            "LOG_EVERY_STEPS", "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "PRECISION",
+            "EARLY_STOPPING_PATIENCE", "TIMELINE", "HOROVOD_CYCLE_TIME_MS",
+            "STALL_TIMEOUT_SECONDS"]
 HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled by workers",
-        "STEPS_PER_EPOCH": "0 = one pass over the largest shard",
+        "STEPS_PER_EPOCH": "0 = one pass over the largest shard, and MIN_SLICES_PER_EPOCH",
+        "MIN_SLICES_PER_EPOCH": "an epoch draws at least this many slices (all workers)",
         "CONTEXT_SLICES": "neighbouring slices on each side fed as extra channels (2.5D)",
         "DICE_FALSE_NEGATIVE_WEIGHT": "Tversky weight of missed pixels; 0.5 = Dice",
         "WEIGHT_AVERAGE_MOMENTUM": "validate and export a moving average of the weights; 0 = off",
@@ -435,9 +437,11 @@ def main(argv=None):
     # The converted slices (memory-mapped), and the same number of steps on every rank.
     imgs_train, msks_train, imgs_test, msks_test = open_splits(args.DATA_DIR)
     steps_per_epoch = args.STEPS_PER_EPOCH or data.steps_per_epoch(
-        len(imgs_train), hvd.size(), args.BATCH_SIZE)
+        len(imgs_train), hvd.size(), args.BATCH_SIZE, args.MIN_SLICES_PER_EPOCH)
     log(f"{len(imgs_train)} training slices, {len(imgs_test)} validation slices; "
-        f"{steps_per_epoch} steps per epoch of {args.BATCH_SIZE} x {hvd.size()} slices")
+        f"{steps_per_epoch} steps per epoch of {args.BATCH_SIZE} x {hvd.size()} slices "
+        f"({steps_per_epoch * args.BATCH_SIZE * hvd.size() / len(imgs_train):.1f} passes "
+        f"over the training slices)")
 
     # A rerun of the same command continues from the last checkpoint in TRAIN_DIR.
     lock_train_dir(args.TRAIN_DIR)

@@ -3,6 +3,7 @@ files, the NIfTI preprocessing path of inference, and a 2-worker training whose 
 segments a NIfTI case with no flag."""
 import hashlib
 import json
+import math
 import os
 import re
 
@@ -222,13 +223,21 @@ def test_a_2_5d_model_trains_and_segments_a_nifti_case_without_a_flag(
         raw_dir, converted_dir, tmp_path, capsys):
     """--context-slices 1 through the launcher: 2 workers train a tiny 12-channel U-Net for
     an epoch; its checkpoint says so, and inference follows it on a NIfTI case and on the
-    converted test split with no flag; a plain Keras copy (no description) too."""
+    converted test split with no flag; a plain Keras copy (no description) too. The epoch
+    is the floor's (--min-slices-per-epoch, twice the training slices), not one pass."""
     train_dir = tmp_path / "train"
+    num_train = len(dataset.open_split(converted_dir, "train")[0])
     result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
                   "--data-dir", str(converted_dir), "--train-dir", str(train_dir),
-                  "--epochs", "1", "--context-slices", "1", *TINY_MODEL], timeout=300)
+                  "--epochs", "1", "--context-slices", "1",
+                  "--min-slices-per-epoch", str(2 * num_train), *TINY_MODEL], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"CONTEXT_SLICES += 1$", result.stdout, re.MULTILINE), result.stdout
+    steps = math.ceil(2 * num_train / (2 * 8))  # 2 workers x batch 8 (TINY_MODEL)
+    assert steps > math.ceil(num_train / 2 / 8)  # more than one pass over the largest shard
+    assert f"; {steps} steps per epoch of 8 x 2 slices ({steps * 16 / num_train:.1f} passes " \
+           f"over the training slices)" in result.stdout
+    assert checkpoints.load_state(str(train_dir)).progress.steps_per_epoch == steps
     checkpoint = str(train_dir / "model.keras")
     assert checkpoints.read_description(checkpoint)["context_slices"] == 1
     model = keras.models.load_model(checkpoint, compile=False)

@@ -32,6 +32,15 @@ def test_every_rank_gets_the_same_number_of_batches_with_an_uneven_count(tmp_pat
         assert seen <= set(shard.tolist()) and len(seen) >= len(shard) - 1
 
 
+def test_a_small_dataset_is_drawn_more_than_once_per_epoch_up_to_the_floor():
+    """min_samples counts the slices all ranks draw together; below one pass it changes
+    nothing, so a large dataset keeps its epoch of one pass."""
+    assert data.steps_per_epoch(21, 2, 4, min_samples=80) == 10  # 80 / (2 x 4)
+    assert data.steps_per_epoch(21, 2, 4, min_samples=81) == 11  # never fewer slices
+    assert data.steps_per_epoch(21, 2, 4, min_samples=20) == 3  # one pass is more already
+    assert data.steps_per_epoch(21, 4, 4, min_samples=80) == 5  # more workers, fewer steps
+
+
 def test_augmentation_moves_image_and_mask_together():
     rng = np.random.default_rng(0)
     pattern = rng.random((8, 8, 1)).astype(np.float32)
