@@ -54,7 +54,7 @@ SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "MIN_SLICES_PE
             "EARLY_STOPPING_PATIENCE", "TIMELINE", "HOROVOD_CYCLE_TIME_MS",
             "STALL_TIMEOUT_SECONDS"]
 HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled by workers",
-        "STEPS_PER_EPOCH": "0 = one pass over the largest shard, and MIN_SLICES_PER_EPOCH",
+        "STEPS_PER_EPOCH": "0 = one pass over the largest shard, or MIN_SLICES_PER_EPOCH",
         "MIN_SLICES_PER_EPOCH": "an epoch draws at least this many slices (all workers)",
         "CONTEXT_SLICES": "neighbouring slices on each side fed as extra channels (2.5D)",
         "DICE_FALSE_NEGATIVE_WEIGHT": "Tversky weight of missed pixels; 0.5 = Dice",
