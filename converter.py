@@ -63,8 +63,18 @@ def prepare_case(case, options):
         return "not enough memory to read and prepare it"
 
 
-WORKER_DIED = ("the worker process preparing it died (killed, by the out-of-memory killer "
-               "or a signal), also when it was retried alone")
+WORKER_DIED = ("the worker process {doing} died (killed, by the out-of-memory killer or a "
+               "signal), also when it was retried alone")
+
+
+def retry_warning(doing, timeout):
+    """ordered_map's on_retry: a warning naming the case, what its worker was doing and why
+    it is retried."""
+    def warn(case, lost):
+        what = f"took more than {timeout:g} s" if lost is case_processes.TIMED_OUT else "died"
+        tqdm.write(f"WARNING: the worker process {doing} {case.case_id} {what}; "
+                   f"retrying it alone")
+    return warn
 
 
 def prepared_cases(cases, options, workers, timeout):
@@ -75,15 +85,10 @@ def prepared_cases(cases, options, workers, timeout):
     def prepare(case):
         return prepare_case(case, options)
 
-    def warn(case, lost):
-        what = (f"took more than {timeout:g} s" if lost is case_processes.TIMED_OUT
-                else "died")
-        tqdm.write(f"WARNING: the worker process preparing {case.case_id} {what}; "
-                   f"retrying it alone")
-
-    for case, result in case_processes.ordered_map(prepare, cases, workers, warn, timeout):
+    for case, result in case_processes.ordered_map(
+            prepare, cases, workers, retry_warning("preparing", timeout), timeout):
         if result is case_processes.DIED:
-            result = WORKER_DIED
+            result = WORKER_DIED.format(doing="preparing it")
         elif result is case_processes.TIMED_OUT:
             result = (f"not prepared within {timeout:g} s (--case-timeout-seconds), also when "
                       f"retried alone: a file on a stalled network filesystem, a hung worker?")
@@ -96,16 +101,37 @@ def grid(case):
     return layouts.case_grid(case)
 
 
+def read_grids(cases, workers, timeout):
+    """{case ID: grid} of the cases whose header can be read; the others get their problem
+    set. The headers are read by worker processes under the same time limit as a case's
+    preparation: a header on a stalled network filesystem would otherwise hang the converter
+    itself, before any worker starts."""
+    def read(case):
+        try:
+            return grid(case)
+        except Exception as error:
+            return f"{case.images[layouts.MODALITIES[0]]}: unreadable header ({error})"
+
+    grids = {}
+    readable = [case for case in cases if not case.problem]
+    for case, found in case_processes.ordered_map(
+            read, readable, workers, retry_warning("reading the header of", timeout), timeout):
+        if isinstance(found, dict):
+            grids[case.case_id] = found
+        elif found is case_processes.TIMED_OUT:
+            case.problem = (f"{case.images[layouts.MODALITIES[0]]}: header not read within "
+                            f"{timeout:g} s (--case-timeout-seconds), also when retried alone")
+        elif found is case_processes.DIED:
+            case.problem = WORKER_DIED.format(doing="reading its header")
+        else:
+            case.problem = found
+    return grids
+
+
 def convert_split(split, cases, options, out_dir, workers, with_masks, skipped, timeout):
     """Fills temporary imgs_<split>.npy (and msks_<split>.npy); returns the manifest entries
     and the writers, which the caller finishes or discards once every split is done."""
-    grids = {}  # from the headers alone: the output is sized before any voxel is read
-    for case in cases:
-        try:
-            grids[case.case_id] = grid(case) if not case.problem else None
-        except Exception as error:
-            grids[case.case_id] = None
-            case.problem = f"{case.images[layouts.MODALITIES[0]]}: unreadable header ({error})"
+    grids = read_grids(cases, workers, timeout)  # the output is sized before any voxel is read
     size = options.image_size
     total = sum(found["shape"][2] for found in grids.values() if found)
     imgs_path, msks_path = dataset.split_paths(out_dir, split)

@@ -39,9 +39,9 @@ SLICE_POLICY = "brain"  # "brain": only slices containing brain; "all": every ax
 LABEL_MODE = "regions"
 IMAGE_DTYPE = "float16"  # float16 halves disk and I/O against float32; masks are uint8
 CONVERT_WORKERS = 0  # worker processes; 0 = one per available core
-# A case not prepared within this many seconds (a read stuck on a network filesystem; a full
-# BraTS case takes about a second) has its worker killed, is retried once alone, then skipped.
-# 0: no limit.
+# A case not prepared, or whose header is not read, within this many seconds (a read stuck on
+# a network filesystem; a full BraTS case takes about a second) has its worker killed, is
+# retried once alone, then skipped. 0: no limit.
 CASE_TIMEOUT_SECONDS = 600
 STRICT = False  # True: fail (and write nothing) when any case is skipped
 TRAIN_FRACTION = 0.85  # share of *patients* in the training split

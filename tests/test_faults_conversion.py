@@ -4,6 +4,7 @@ folders. Every one ends in a clear message, and the previous dataset intact (che
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,6 +148,33 @@ def test_a_case_that_hangs_again_when_retried_is_skipped_naming_the_time_limit(
     assert results.pop(hung).startswith("not prepared within 1 s (--case-timeout-seconds)")
     assert results == {case.case_id: f"prepared {case.case_id}" for case in cases[:4]
                        if case.case_id != hung}
+
+
+def test_a_header_read_that_hangs_is_skipped_at_the_time_limit(raw_dir, tmp_path, monkeypatch,
+                                                               capsys):
+    """The output is sized from the headers before any case is prepared; a header read stuck
+    on a stalled filesystem hung the converter itself. Now a worker reads it, is killed at
+    the limit, the read retried once; the case is skipped naming its file, the rest converted."""
+    _, cases = layouts.find_cases(str(raw_dir), "auto")
+    hung = cases[0].case_id
+    real_grid = converter.grid
+
+    def grid(case):  # the forked workers inherit this stand-in
+        if case.case_id == hung:
+            time.sleep(3600)
+        return real_grid(case)
+
+    monkeypatch.setattr(converter, "grid", grid)
+    out_dir = tmp_path / "converted"
+    converter.main(["--raw-dir", str(raw_dir), "--data-dir", str(out_dir),
+                    "--case-timeout-seconds", "1", "--workers", "2"])
+    output = "".join(capsys.readouterr())
+    assert f"reading the header of {hung} took more than 1 s; retrying it alone" in output
+    assert re.search(rf"skipped {hung}: \S*{hung}\S*: header not read within 1 s "
+                     rf"\(--case-timeout-seconds\), also when retried alone", output), output
+    manifest = dataset.load_manifest(str(out_dir))
+    converted = {entry["case"] for split in manifest["splits"].values() for entry in split}
+    assert converted == {case.case_id for case in cases} - {hung}
 
 
 @contextlib.contextmanager
