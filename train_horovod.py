@@ -238,17 +238,19 @@ def resume_point(output_dir, num_workers, steps_per_epoch):
     committed checkpoint and broadcasts it: with local disks the other ranks may not even see
     the file), and that checkpoint (None for a fresh run). A state from another number of
     workers or steps per epoch would not continue the same schedule and data order, so it is
-    refused on every rank alike."""
+    refused on every rank alike, saying how to continue it (the default epoch length changes
+    with MIN_SLICES_PER_EPOCH and the data; --steps-per-epoch fixes it)."""
     saved = checkpoints.load_state(output_dir) if hvd.rank() == 0 else None
     saved = hvd.broadcast_object(saved, root_rank=0, name="resume_state")
     if saved is None:
         return checkpoints.Progress(num_workers, steps_per_epoch), None
     progress = saved.progress
     if (progress.num_workers, progress.steps_per_epoch) != (num_workers, steps_per_epoch):
-        raise ValueError(
-            f"{saved.path}: saved by {progress.num_workers} workers with "
-            f"{progress.steps_per_epoch} steps per epoch; this run has {num_workers} and "
-            f"{steps_per_epoch}. Rerun the original command or use another --train-dir")
+        sys.exit(f"ERROR: rank {hvd.rank()}: {saved.path}: saved by {progress.num_workers} "
+                 f"workers with {progress.steps_per_epoch} steps per epoch; this run has "
+                 f"{num_workers} and {steps_per_epoch}. Continue it with "
+                 f"{progress.num_workers} workers and --steps-per-epoch "
+                 f"{progress.steps_per_epoch}, or use another --train-dir")
     return progress, saved
 
 

@@ -89,6 +89,14 @@ def test_killed_rank_stops_the_job_and_the_rerun_resumes_exactly(converted_dir, 
     assert int(saved.optimizer.iterations) == 60  # one epoch of steps: the schedule position
     saved_fingerprint = checkpoints.weights_fingerprint(saved)
 
+    # Another epoch length would continue another schedule: refused, saying how to continue.
+    refused = launch(converted_dir, output_dir, "--steps-per-epoch", "50")
+    refused_stdout, _ = refused.communicate(timeout=120)
+    assert refused.returncode != 0
+    assert ": saved by 2 workers with 60 steps per epoch; this run has 2 and 50. Continue it " \
+           "with 2 workers and --steps-per-epoch 60, or use another --train-dir" in refused_stdout
+    assert "Traceback" not in refused_stdout
+
     resumed_stdout = run_to_end(converted_dir, output_dir)
     assert "after epoch 1 (step 60)" in resumed_stdout
     assert weights_fingerprints(resumed_stdout, "resumed") == {"0": saved_fingerprint,
