@@ -100,9 +100,6 @@ def weights_fingerprints(output, kind="final"):
 
 
 TINY_MODEL = ["--base-filters", "4", "--depth", "2", "--batch-size", "8"]
-# An epoch of one pass over the small cases (6 steps), not settings.MIN_SLICES_PER_EPOCH's
-# floor (375 steps of these): for the tests that train an epoch to see it run end to end.
-ONE_PASS_EPOCH = ["--epochs", "1", "--min-slices-per-epoch", "0"]
 # The session's trained run (trained_run): 40 steps per epoch (an epoch of the 6 small cases
 # is 6), enough for the tiny U-Net to find the tumor, not just to output probabilities near
 # one half. Its weight average spans about the last 10 steps: the default's 100 would be most

@@ -10,8 +10,7 @@ import sys
 import pytest
 
 from brainseg import folders
-from conftest import (ONE_PASS_EPOCH, REPO_DIR, TINY_MODEL, TRAINED_RUN_FLAGS, run,
-                      weights_fingerprints)
+from conftest import REPO_DIR, TINY_MODEL, TRAINED_RUN_FLAGS, run, weights_fingerprints
 
 
 def test_two_workers_train_and_the_loss_goes_down(trained_run):
@@ -38,7 +37,7 @@ def test_with_batch_normalization_both_workers_still_end_identical(converted_dir
     across ranks every epoch, each rank kept its own and the final weights differed."""
     result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
                   "--data-dir", str(converted_dir), "--train-dir", str(tmp_path / "bn"),
-                  *ONE_PASS_EPOCH, "--use-batch-norm", "true", *TINY_MODEL], timeout=300)
+                  "--epochs", "1", "--use-batch-norm", "true", *TINY_MODEL], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     fingerprints = weights_fingerprints(result.stdout)
     assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
@@ -49,7 +48,7 @@ def test_oversampling_zoom_turn_and_gamma_train_through_the_launcher(converted_d
     slices of its shard, and the two ranks still end with the same weights."""
     result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
                   "--data-dir", str(converted_dir), "--train-dir", str(tmp_path / "augmented"),
-                  *ONE_PASS_EPOCH, "--tumor-sample-share", "0.5", "--scale-augmentation",
+                  "--epochs", "1", "--tumor-sample-share", "0.5", "--scale-augmentation",
                   "0.2", "--rotation-augmentation-degrees", "30", "--gamma-augmentation", "0.5",
                   "--dice-false-negative-weight", "0.7", *TINY_MODEL], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
