@@ -116,8 +116,8 @@ GAMMA_AUGMENTATION = 0.0
 CONTEXT_SLICES = 0
 # The documented recipe (bench/accuracy.py measures it); `make demo` trains fewer, to stay
 # within minutes. 24 lost tumor core before the weight average; with it, 24 gained whole tumor
-# +0.006 and tumor core +0.012 on the benchmark's 20 patients, at 2x the time, which a real
-# release's 15x as many steps per epoch would not need (README: "Every change measured").
+# +0.005 over three seeds at 2x the time, and tumor core on two seeds but not the third
+# (README: "Every change measured").
 EPOCHS = 12
 STEPS_PER_EPOCH = 0  # 0: every epoch covers the largest shard once; > 0: that many steps
 # A floor on an epoch: it draws at least this many slices (all workers together), so a small
