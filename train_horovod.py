@@ -212,12 +212,18 @@ def lock_train_dir(train_dir):
 
 
 def open_splits(data_dir):
-    """The training and validation arrays, or exit naming the file that is missing or that
-    the folder's manifest does not vouch for (every rank checks its own copy)."""
+    """The training and validation arrays, or exit naming the file that is missing, that
+    the folder's manifest does not vouch for (every rank checks its own copy), or that holds
+    no training slice (every training case skipped by the converter)."""
     try:
-        return (*dataset.open_split(data_dir, "train"), *dataset.open_split(data_dir, "test"))
+        imgs_train, msks_train = dataset.open_split(data_dir, "train")
+        imgs_test, msks_test = dataset.open_split(data_dir, "test")
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"ERROR: rank {hvd.rank()}: {error}")
+    if not len(imgs_train):
+        sys.exit(f"ERROR: rank {hvd.rank()}: {imgs_train.filename}: no training slices (the "
+                 f"converter skipped every training case: see its manifest's \"skipped\")")
+    return imgs_train, msks_train, imgs_test, msks_test
 
 
 def start_watchdog(timeout_seconds):

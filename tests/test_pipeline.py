@@ -9,8 +9,11 @@ import sys
 
 import pytest
 
+import converter
+import settings
 from brainseg import folders
-from conftest import REPO_DIR, TINY_MODEL, TRAINED_RUN_FLAGS, run, weights_fingerprints
+from conftest import (REPO_DIR, TINY_MODEL, TRAINED_RUN_FLAGS, case_names, convert, file_of, run,
+                      weights_fingerprints)
 
 
 def test_two_workers_train_and_the_loss_goes_down(trained_run):
@@ -130,6 +133,26 @@ def test_a_failing_worker_takes_the_job_down_with_a_clear_message(tmp_path):
                  timeout=120)
     assert result.returncode != 0
     assert f"{tmp_path / 'missing'}/imgs_train.npy: not found" in result.stdout + result.stderr
+
+
+def test_a_dataset_without_training_slices_is_a_clear_error(raw_copy, tmp_path):
+    """Every training case unreadable: the converter skips them and writes an empty training
+    split; training stops naming the file, not with a traceback (the log's passes over the
+    training slices divide by their number)."""
+    release = raw_copy
+    cases = case_names(release)
+    train_ids, _ = converter.split_cases(cases, settings.TRAIN_FRACTION, settings.SPLIT_SEED)
+    for case in train_ids:
+        with open(file_of(release / case, "flair"), "r+b") as file:
+            file.truncate(100)  # not even a whole header
+    convert(release, tmp_path / "converted")
+    result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
+                  "--data-dir", str(tmp_path / "converted"), "--train-dir",
+                  str(tmp_path / "train"), *TINY_MODEL], timeout=300)
+    assert result.returncode != 0
+    assert f"{tmp_path / 'converted'}/imgs_train.npy: no training slices (the converter " \
+           f"skipped every training case" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_a_second_training_into_a_busy_folder_is_refused_naming_the_first(converted_dir,
