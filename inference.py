@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import os
 import sys
+import threading
 import time
 
 import nibabel as nib
@@ -35,8 +36,8 @@ from brainseg.atomic import OutputFolder
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "CHECKPOINT", "INFERENCE_DIR", "INFERENCE_BATCH_SIZE",
             "INFERENCE_PRECISION", "INFERENCE_RUNTIME", "TEST_TIME_FLIPS", "MIN_LESION_MM3",
             "MIN_ENHANCING_MM3", "MIN_ENHANCING_LESION_MM3", "MIN_CORE_MM3", "LESION_WISE",
-            "NUM_FIGURES", "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "CROP_SIZE", "CROP_MODE",
-            "SLICE_POLICY"]
+            "NUM_FIGURES", "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "CASE_TIMEOUT_SECONDS",
+            "CROP_SIZE", "CROP_MODE", "SLICE_POLICY"]
 # Earlier spellings of the flags, still accepted (the README used them).
 ALIASES = {"INFERENCE_DIR": ["--output-dir"], "INFERENCE_BATCH_SIZE": ["--batch-size"],
            "INFERENCE_PRECISION": ["--precision"]}
@@ -54,6 +55,8 @@ HELP = {"DATA_DIR": "converted arrays (with --input: only used for a checkpoint 
                                     "core; 0: keep all",
         "MIN_CORE_MM3": "tumor-core components smaller than this become edema; 0: keep all",
         "LESION_WISE": "also score lesion-wise Dice and HD95 (the official BraTS package)",
+        "CASE_TIMEOUT_SECONDS": "with --input: a case whose files are not read within this "
+                                "many seconds fails, and the others go on; 0 = no limit",
         "CROP_SIZE": "with --input, for a checkpoint without its preprocessing and no manifest",
         "CROP_MODE": "with --input, for a checkpoint without its preprocessing and no manifest",
         "SLICE_POLICY": "with --input, for a checkpoint without its preprocessing and no "
@@ -299,20 +302,46 @@ def read_inputs(case, threads):
     return (*layouts.read_case(case, threads), layouts.reference_image(case))
 
 
+def start_reading(case, threads):
+    """A future of read_inputs(case), read by a thread of its own. A daemon thread: a read
+    stuck on a stalled network filesystem can be given up (segment_case's time limit), and
+    a thread that never returns must not keep the process from exiting, as a thread pool's
+    would (its threads are joined at exit)."""
+    reading = concurrent.futures.Future()
+
+    def read():
+        try:
+            reading.set_result(read_inputs(case, threads))
+        except BaseException as error:  # a bad file: raised when the case's turn comes
+            reading.set_exception(error)
+
+    reading.set_running_or_notify_cancel()
+    threading.Thread(target=read, name="read-ahead", daemon=True).start()
+    return reading
+
+
 def read_ahead(cases, threads):
     """Yields (case, a future of read_inputs(case)), reading the next case in a background
     thread while the caller segments the current one: gzip decoding and NumPy release the
     GIL, so a release folder streams instead of alternating between reading and predicting.
-    At most two cases are in memory at once."""
-    if not cases:
-        return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
-        upcoming = reader.submit(read_inputs, cases[0], threads)
-        for index, case in enumerate(cases):
-            current = upcoming
-            if index + 1 < len(cases):
-                upcoming = reader.submit(read_inputs, cases[index + 1], threads)
-            yield case, current
+    At most two cases are being read or held at once (besides reads given up as stuck)."""
+    upcoming = start_reading(cases[0], threads) if cases else None
+    for index, case in enumerate(cases):
+        current = upcoming
+        if index + 1 < len(cases):
+            upcoming = start_reading(cases[index + 1], threads)
+        yield case, current
+
+
+def read_within_limit(case, inputs, seconds):
+    """inputs.result(), or InferenceError naming the case's folder after `seconds` (0: wait
+    as long as it takes); its reading thread is left behind, so the other cases go on."""
+    try:
+        return inputs.result(timeout=seconds or None)
+    except concurrent.futures.TimeoutError:
+        folder = os.path.dirname(case.images[layouts.MODALITIES[0]])
+        raise InferenceError(f"{folder}: {case.case_id}'s files not read within {seconds} s "
+                             f"(--case-timeout-seconds; a stalled filesystem?)") from None
 
 
 def segment_case(model, case, options, args, output, context_slices=0, clock=None,
@@ -321,11 +350,13 @@ def segment_case(model, case, options, args, output, context_slices=0, clock=Non
     FLAIR, truth and prediction for a montage; (None, None) for a case without labels.
     A 2.5D model (context_slices > 0) gets each slice with its neighbours in the case.
     clock (a Stopwatch) adds the seconds of each phase to its totals. inputs: a future of
-    read_inputs(case) already under way (read_ahead); without it the case is read here."""
+    read_inputs(case) already under way (read_ahead), waited for at most
+    --case-timeout-seconds; without it the case is read here."""
     clock = clock or Stopwatch()
     threads = intra_threads(args)
     with clock("read"):
-        image, labels, reference = inputs.result() if inputs else read_inputs(case, threads)
+        image, labels, reference = (read_within_limit(case, inputs, args.CASE_TIMEOUT_SECONDS)
+                                    if inputs else read_inputs(case, threads))
     with clock("preprocess"):
         imgs, _, geometry = preprocessing.preprocess_case(image, None, options, threads=threads)
         check_fits(model, args.CHECKPOINT, options.image_size,

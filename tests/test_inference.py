@@ -4,6 +4,7 @@ import csv
 import glob
 import os
 import shutil
+import threading
 import time
 
 import keras
@@ -113,6 +114,40 @@ def test_a_folder_run_carries_on_past_bad_cases_and_lists_them(checkpoint, conve
     assert f"failed BraTS20_Training_001: {missing}: file not found" in output
     assert f"failed BraTS20_Training_002: {wrong}: expected a 3-D volume" in output
     assert os.path.exists(tmp_path / "out" / "BraTS20_Training_003.nii.gz")
+
+
+def test_a_case_whose_read_hangs_fails_at_the_time_limit_and_the_others_go_on(
+        checkpoint, converted_dir, tmp_path, capsys, monkeypatch):
+    """A read stuck on a stalled network filesystem: at --case-timeout-seconds its case fails,
+    naming its folder and the limit; the cases after it are read and segmented."""
+    root = tmp_path / "raw"
+    synthetic.write_dataset(str(root), 3, seed=8, shape=SMALL_SHAPE)
+    stalled, read_case = threading.Event(), layouts.read_case
+
+    def read_case_stalling_on_the_first(case, threads=1):
+        if case.case_id == "BraTS20_Training_001":
+            stalled.wait(600)  # until the test ends; without the limit inference waits too
+        return read_case(case, threads)
+
+    monkeypatch.setattr(layouts, "read_case", read_case_stalling_on_the_first)
+    started = time.monotonic()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            inference.main(["--input", str(root), "--checkpoint", checkpoint, "--data-dir",
+                            str(converted_dir), "--output-dir", str(tmp_path / "out"),
+                            "--case-timeout-seconds", "2"])
+    finally:
+        stalled.set()
+    assert exit_info.value.code == 1
+    assert time.monotonic() - started < 120
+    output = capsys.readouterr().out
+    assert (f"failed BraTS20_Training_001: {root / 'BraTS20_Training_001'}: "
+            "BraTS20_Training_001's files not read within 2 s (--case-timeout-seconds"
+            in output)
+    assert "Segmented 2 of 3 case(s)" in output
+    assert not os.path.exists(tmp_path / "out" / "BraTS20_Training_001.nii.gz")
+    for case_id in ("BraTS20_Training_002", "BraTS20_Training_003"):
+        assert nib.load(tmp_path / "out" / f"{case_id}.nii.gz").shape == SMALL_SHAPE
 
 
 def test_existing_outputs_are_kept_unless_overwrite(checkpoint, converted_dir, release, tmp_path,
