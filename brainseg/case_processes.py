@@ -8,7 +8,10 @@ leaves half a message in the queue and the lock held: the executor's thread wait
 for the rest of the message, the other workers forever for the lock, and the pool hangs
 instead of reporting itself broken (CPython 3.11; the converter hung this way in CI). Here
 each worker has pipes of its own and is the only writer of its result pipe, so its death,
-at any moment, is an end-of-file on that pipe and touches nothing else.
+at any moment, is an end-of-file on that pipe and touches nothing else. A worker that stops
+halfway through sending (SIGSTOP, a frozen cgroup) would leave the caller blocked reading the
+rest of the message, past every time limit: results are framed here, and read against the
+worker's deadline (_ResultReader).
 
 A forked child inherits every Python object of its parent, including garbage not yet
 collected: a TensorFlow dataset iterator, an OpenVINO compiled model. Were the child's garbage
@@ -26,13 +29,20 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
+import select
 import signal
+import struct
 import time
 import traceback
 
 _FORK = multiprocessing.get_context("fork")  # the child is this process's: it dies with it
 _PR_SET_PDEATHSIG = 1
 _STOP_SECONDS = 10  # an idle worker told to stop ends at once; one that does not is killed
+# A result that began to arrive before its worker's deadline may take this long to finish:
+# sending even a gigabyte through a pipe takes under a second.
+_SEND_GRACE_SECONDS = 10
+_LENGTH = struct.Struct("!Q")  # the header of a result: the length of its pickle
 
 
 class Died:
@@ -69,19 +79,70 @@ def die_with_parent(parent_pid):
         os._exit(1)
 
 
-def _serve(function, tasks, results, parent_pid):
+def _serve(function, tasks, results_fd, parent_pid):
     """A worker's life: items from its task pipe, (ok, value) to its result pipe, until it
     receives _Stop() (not end-of-file: workers forked later hold copies of its writer)."""
     die_with_parent(parent_pid)
-    while True:
-        item = tasks.recv()
-        if isinstance(item, _Stop):
-            return
+    with open(results_fd, "wb") as results:
+        while True:
+            item = tasks.recv()
+            if isinstance(item, _Stop):
+                return
+            try:
+                outcome = (True, function(item))
+            except BaseException:  # a bug or MemoryError: reported, not taken for a killed worker
+                outcome = (False, traceback.format_exc())
+            message = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+            results.write(_LENGTH.pack(len(message)))
+            results.write(message)
+            results.flush()
+
+
+class _ResultReader:
+    """The caller's end of a worker's result pipe: one message at a time, read against a
+    deadline. (multiprocessing's Connection.recv, once a message has begun, waits for its
+    end however long that takes.)"""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def fileno(self):
+        return self.fd
+
+    def receive(self, deadline):
+        """(ok, value), or DIED at an end of file (the worker died, before or while sending),
+        or TIMED_OUT when the message is not complete by the deadline (monotonic seconds)."""
         try:
-            outcome = (True, function(item))
-        except BaseException:  # a bug or MemoryError: reported, not mistaken for a killed worker
-            outcome = (False, traceback.format_exc())
-        results.send(outcome)
+            size, = _LENGTH.unpack(self._read(_LENGTH.size, deadline))
+            return pickle.loads(self._read(size, deadline))
+        except _Late:
+            return TIMED_OUT
+        except (EOFError, OSError):
+            return DIED
+
+    def _read(self, size, deadline):
+        """Exactly `size` bytes; EOFError at an end of file, _Late at the deadline."""
+        buffer = bytearray(size)
+        view, got = memoryview(buffer), 0
+        readable = select.poll()
+        readable.register(self.fd, select.POLLIN)
+        while got < size:
+            if deadline != math.inf:
+                wait_ms = (deadline - time.monotonic()) * 1000
+                if wait_ms <= 0 or not readable.poll(wait_ms):
+                    raise _Late
+            count = os.readv(self.fd, [view[got:]])
+            if count == 0:
+                raise EOFError
+            got += count
+        return buffer
+
+    def close(self):
+        os.close(self.fd)
+
+
+class _Late(Exception):
+    """A message not complete by its deadline."""
 
 
 class _Worker:
@@ -90,7 +151,8 @@ class _Worker:
 
     def __init__(self, function):
         task_reader, self.tasks = _FORK.Pipe(duplex=False)
-        self.results, result_writer = _FORK.Pipe(duplex=False)
+        result_reader, result_writer = os.pipe()
+        self.results = _ResultReader(result_reader)
         self.process = _FORK.Process(target=_serve, daemon=True,
                                      args=(function, task_reader, result_writer, os.getpid()))
         gc.collect()  # the parent's garbage is destroyed here, with the threads it belongs to
@@ -100,7 +162,7 @@ class _Worker:
         finally:
             gc.unfreeze()
         task_reader.close()
-        result_writer.close()
+        os.close(result_writer)
         self.task, self.deadline = None, math.inf
 
     def give(self, task, timeout=None):
@@ -112,12 +174,15 @@ class _Worker:
             pass
 
     def receive(self):
-        """(ok, value) for the task it was given, or None when it died before sending all of it."""
-        try:
-            return self.results.recv()
-        except (EOFError, OSError):  # before its message, or "end of file during message"
+        """(ok, value) for the task it was given; (True, DIED) when it died before sending
+        all of it, (True, TIMED_OUT) when it stopped sending past its deadline (plus a grace
+        for a message that began in time): killed, in both cases."""
+        deadline = self.deadline + _SEND_GRACE_SECONDS
+        outcome = self.results.receive(deadline)
+        if isinstance(outcome, (Died, TimedOut)):
             self.stop(kill=True)
-            return None
+            return True, outcome
+        return outcome
 
     def stop(self, kill=False):
         if not kill:
@@ -199,7 +264,7 @@ def answers(busy):
     found = []
     for pipe in multiprocessing.connection.wait(list(busy), wait):
         worker = busy.pop(pipe)
-        found.append((worker, worker.receive() or (True, DIED)))
+        found.append((worker, worker.receive()))
     now = time.monotonic()
     for pipe, worker in list(busy.items()):
         if worker.deadline <= now:

@@ -83,6 +83,34 @@ def test_a_worker_killed_halfway_through_sending_its_result_is_retried(tmp_path)
     assert results == [(0, 0), (1, big), (2, 2)]
 
 
+def test_a_worker_stopped_halfway_through_sending_its_result_is_killed_at_its_deadline(
+        tmp_path, monkeypatch):
+    """As above, but the worker is stopped (SIGSTOP), not killed: its pipe holds half a
+    message and never the rest. Reading the rest waited forever (the converter hung in 1 run
+    in 10 of test_faults_conversion.py's stopped worker); it is now read against the worker's
+    deadline plus a grace, and the worker killed and its item retried."""
+    monkeypatch.setattr(case_processes, "_SEND_GRACE_SECONDS", 1)
+    big = bytes(8 << 20)
+
+    def stopped_while_sending(item):
+        if item == 1 and first_time(tmp_path / "stopped"):
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGSTOP)).start()
+            time.sleep(0.5)  # item 0 is yielded first, and the caller then sleeps
+        return big if item == 1 else item
+
+    retried, results = [], []
+    started = time.monotonic()
+    for item, result in case_processes.ordered_map(stopped_while_sending, range(3), 2,
+                                                   recording(retried), timeout=2):
+        if item == 0:
+            time.sleep(2.5)  # not reading: item 1's worker blocks in send and is stopped there
+        results.append((item, result))
+    assert retried == [(1, case_processes.TIMED_OUT)]
+    assert results == [(0, 0), (1, big), (2, 2)]
+    assert time.monotonic() - started < 30
+    assert living_children() == []
+
+
 def test_an_item_that_kills_its_worker_twice_is_reported_dead(tmp_path):
     def always_dies_on_2(item):
         if item == 2:
