@@ -63,6 +63,31 @@ def prepare_case(case, options):
         return "not enough memory to read and prepare it"
 
 
+# Cases in a row lost at the time limit, also when retried alone, after which the conversion
+# stops: every read of a release on a stalled network filesystem hangs, and each further case
+# would cost the limit twice (at 600 s, 200 cases take days to be skipped one by one).
+STALLED_AFTER_CASES = 3
+
+
+class StallGuard:
+    """Counts the cases in a row that the time limit took, across the header and preparation
+    passes, and stops the conversion (ValueError: main reports it, the staging folder goes,
+    the previous dataset stays) when they reach STALLED_AFTER_CASES."""
+
+    def __init__(self, timeout):
+        self.timeout, self.lost_in_a_row = timeout, []
+
+    def record(self, case, timed_out):
+        self.lost_in_a_row = self.lost_in_a_row + [case.case_id] if timed_out else []
+        if len(self.lost_in_a_row) >= STALLED_AFTER_CASES:
+            folder = os.path.dirname(os.path.abspath(case.images[layouts.MODALITIES[0]]))
+            raise ValueError(
+                f"{len(self.lost_in_a_row)} cases in a row ({', '.join(self.lost_in_a_row)}) "
+                f"were not read within {self.timeout:g} s (--case-timeout-seconds), also when "
+                f"retried alone: is the filesystem of {os.path.dirname(folder)} stalled? "
+                f"Stopping; nothing was written")
+
+
 WORKER_DIED = ("the worker process {doing} died (killed, by the out-of-memory killer or a "
                "signal), also when it was retried alone")
 
@@ -77,16 +102,19 @@ def retry_warning(doing, timeout):
     return warn
 
 
-def prepared_cases(cases, options, workers, timeout):
+def prepared_cases(cases, options, workers, timeout, stalls=None):
     """Yields (case, result of prepare_case) in case order, the cases prepared by `workers`
     worker processes (brainseg/case_processes.py), a bounded number in flight. A case whose
     worker is killed midway, or takes more than `timeout` seconds (0: no limit), is retried
-    once, alone; when that happens again it is skipped with the reason."""
+    once, alone; when that happens again it is skipped with the reason. stalls: a StallGuard
+    told of every case."""
     def prepare(case):
         return prepare_case(case, options)
 
+    stalls = stalls or StallGuard(timeout)
     for case, result in case_processes.ordered_map(
             prepare, cases, workers, retry_warning("preparing", timeout), timeout):
+        stalls.record(case, result is case_processes.TIMED_OUT)
         if result is case_processes.DIED:
             result = WORKER_DIED.format(doing="preparing it")
         elif result is case_processes.TIMED_OUT:
@@ -101,21 +129,22 @@ def grid(case):
     return layouts.case_grid(case)
 
 
-def read_grids(cases, workers, timeout):
+def read_grids(cases, workers, timeout, stalls=None):
     """{case ID: grid} of the cases whose header can be read; the others get their problem
     set. The headers are read by worker processes under the same time limit as a case's
     preparation: a header on a stalled network filesystem would otherwise hang the converter
-    itself, before any worker starts."""
+    itself, before any worker starts. stalls: a StallGuard told of every case."""
     def read(case):
         try:
             return grid(case)
         except Exception as error:
             return f"{case.images[layouts.MODALITIES[0]]}: unreadable header ({error})"
 
-    grids = {}
+    grids, stalls = {}, stalls or StallGuard(timeout)
     readable = [case for case in cases if not case.problem]
     for case, found in case_processes.ordered_map(
             read, readable, workers, retry_warning("reading the header of", timeout), timeout):
+        stalls.record(case, found is case_processes.TIMED_OUT)
         if isinstance(found, dict):
             grids[case.case_id] = found
         elif found is case_processes.TIMED_OUT:
@@ -128,10 +157,12 @@ def read_grids(cases, workers, timeout):
     return grids
 
 
-def convert_split(split, cases, options, out_dir, workers, with_masks, skipped, timeout):
+def convert_split(split, cases, options, out_dir, workers, with_masks, skipped, timeout,
+                  stalls):
     """Fills temporary imgs_<split>.npy (and msks_<split>.npy); returns the manifest entries
     and the writers, which the caller finishes or discards once every split is done."""
-    grids = read_grids(cases, workers, timeout)  # the output is sized before any voxel is read
+    # The output is sized before any voxel is read.
+    grids = read_grids(cases, workers, timeout, stalls)
     size = options.image_size
     total = sum(found["shape"][2] for found in grids.values() if found)
     imgs_path, msks_path = dataset.split_paths(out_dir, split)
@@ -141,7 +172,7 @@ def convert_split(split, cases, options, out_dir, workers, with_masks, skipped, 
         writers.append(dataset.NpyAppender(msks_path, total,
                                            (size, size, len(options.target_names)), np.uint8))
     entries = []
-    progress = tqdm(prepared_cases(cases, options, workers, timeout), total=len(cases),
+    progress = tqdm(prepared_cases(cases, options, workers, timeout, stalls), total=len(cases),
                     desc=f"{split:>5} cases", unit="case")
     for case, result in progress:
         if isinstance(result, str):
@@ -203,11 +234,12 @@ def convert(args, layout, cases, options, workers, with_masks, out_dir):
     else:
         train_ids, test_ids = [], sorted(by_id)
     skipped, splits, writers = [], {}, []
+    stalls = StallGuard(args.CASE_TIMEOUT_SECONDS)
     for split, ids in (("train", train_ids), ("test", test_ids)):
         members = [case for case_id in ids for case in by_id[case_id]]
         splits[split], split_writers = convert_split(split, members, options, out_dir,
                                                      workers, with_masks, skipped,
-                                                     args.CASE_TIMEOUT_SECONDS)
+                                                     args.CASE_TIMEOUT_SECONDS, stalls)
         writers.extend(split_writers)
 
     converted = sum(len(entries) for entries in splits.values())

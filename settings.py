@@ -41,8 +41,9 @@ IMAGE_DTYPE = "float16"  # float16 halves disk and I/O against float32; masks ar
 CONVERT_WORKERS = 0  # worker processes; 0 = one per available core
 # A case not prepared, or whose header is not read, within this many seconds (a read stuck on
 # a network filesystem; a full BraTS case takes about a second) has its worker killed, is
-# retried once alone, then skipped. inference.py --input fails a case whose files are not
-# read within it and goes on with the others. 0: no limit.
+# retried once alone, then skipped; 3 such cases in a row stop the conversion (a stalled
+# filesystem). inference.py --input fails a case whose files are not read within it and goes
+# on with the others. 0: no limit.
 CASE_TIMEOUT_SECONDS = 600
 STRICT = False  # True: fail (and write nothing) when any case is skipped
 TRAIN_FRACTION = 0.85  # share of *patients* in the training split

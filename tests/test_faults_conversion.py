@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,6 +176,47 @@ def test_a_header_read_that_hangs_is_skipped_at_the_time_limit(raw_dir, tmp_path
     manifest = dataset.load_manifest(str(out_dir))
     converted = {entry["case"] for split in manifest["splits"].values() for entry in split}
     assert converted == {case.case_id for case in cases} - {hung}
+
+
+def test_a_release_whose_every_read_hangs_stops_the_conversion_and_keeps_the_dataset(
+        raw_dir, converted_dir, tmp_path, monkeypatch, capsys):
+    """A stalled network filesystem: every read hangs. Skipping case after case would cost
+    each the time limit twice (days at the default); after STALLED_AFTER_CASES in a row the
+    converter stops, naming them and the limit, and the previous dataset stays as it was."""
+    out_dir = tmp_path / "converted"
+    shutil.copytree(converted_dir, out_dir)
+    before = hashes(out_dir)
+    _, cases = layouts.find_cases(str(raw_dir), "auto")
+    assert len(cases) > converter.STALLED_AFTER_CASES + 1  # it stops before the end
+
+    def grid(case):  # the forked workers inherit this stand-in
+        time.sleep(3600)
+
+    monkeypatch.setattr(converter, "grid", grid)
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        converter.main(["--raw-dir", str(raw_dir), "--data-dir", str(out_dir),
+                        "--case-timeout-seconds", "1", "--workers", "2"])
+    assert time.monotonic() - started < 60
+    message = str(exit_info.value.code)
+    assert re.match(rf"ERROR: {converter.STALLED_AFTER_CASES} cases in a row \(.+\) were not "
+                    rf"read within 1 s \(--case-timeout-seconds\), also when retried alone: "
+                    rf"is the filesystem of {raw_dir} stalled\? Stopping; nothing was written",
+                    message), message
+    assert hashes(out_dir) == before
+    assert not [name for name in os.listdir(tmp_path) if ".staging." in name]
+
+
+def test_the_stall_guard_counts_only_cases_in_a_row():
+    stalls = converter.StallGuard(timeout=5)
+    case = layouts.Case("BraTS20_Training_001", "brats2020",
+                        {m: f"/raw/BraTS20_Training_001/{m}.nii.gz" for m in layouts.MODALITIES})
+    for timed_out in [True] * (converter.STALLED_AFTER_CASES - 1) + [False]:
+        stalls.record(case, timed_out)  # a case read in time breaks the streak
+    for _ in range(converter.STALLED_AFTER_CASES - 1):
+        stalls.record(case, True)
+    with pytest.raises(ValueError, match="is the filesystem of /raw stalled"):
+        stalls.record(case, True)
 
 
 @contextlib.contextmanager
