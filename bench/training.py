@@ -30,6 +30,7 @@ does not depend on pixel values, and random data needs no conversion step. Absol
 drift with machine load; compare the ratios, which are measured minutes apart.
 """
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -40,7 +41,7 @@ import tempfile
 import time
 
 import settings
-from brainseg import dataset, hardware
+from brainseg import dataset, hardware, layouts, preprocessing
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -49,28 +50,38 @@ TRAIN_SCRIPT = os.path.join(REPO_DIR, "train_horovod.py")
 
 # --- Data ------------------------------------------------------------------------------------
 def write_random_split(folder, split, num_slices, image_size, seed):
-    """imgs_<split>.npy / msks_<split>.npy as converter.py writes them, filled chunk by chunk
-    through a memory map so that even the large dataset never sits in this process's memory."""
+    """imgs_<split>.npy / msks_<split>.npy as converter.py writes them (settings.IMAGE_DTYPE
+    images, three nested region masks), filled chunk by chunk through a memory map so that
+    even the large dataset never sits in this process's memory."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     imgs = np.lib.format.open_memmap(os.path.join(folder, f"imgs_{split}.npy"), "w+",
-                                     np.float32, (num_slices, image_size, image_size, 4))
+                                     settings.IMAGE_DTYPE, (num_slices, image_size, image_size, 4))
     msks = np.lib.format.open_memmap(os.path.join(folder, f"msks_{split}.npy"), "w+",
-                                     np.uint8, (num_slices, image_size, image_size, 1))
+                                     np.uint8, (num_slices, image_size, image_size, 3))
     for start in range(0, num_slices, 64):
         chunk = rng.standard_normal((min(64, num_slices - start), image_size, image_size, 4),
                                     dtype=np.float32)
         imgs[start:start + len(chunk)] = chunk
-        msks[start:start + len(chunk)] = chunk[..., :1] > 1.0  # ~16% "tumor"
+        # Whole tumor ~16% of the pixels, core and enhancing tumor nested inside it.
+        msks[start:start + len(chunk)] = chunk[..., :1] > np.array([1.0, 1.5, 2.0])
     imgs.flush()
     msks.flush()
 
 
 def make_dataset(folder, num_train, image_size):
+    """A dataset folder of random slices that training opens like a converted one: the
+    arrays, and a manifest vouching for them (training refuses arrays without one)."""
     os.makedirs(folder, exist_ok=True)
     write_random_split(folder, "train", num_train, image_size, seed=1)
     write_random_split(folder, "test", 16, image_size, seed=2)  # validation: kept negligible
+    options = preprocessing.Preprocessing(image_size=image_size,
+                                          image_dtype=settings.IMAGE_DTYPE)
+    dataset.write_manifest(folder, {"preprocessing": dataclasses.asdict(options),
+                                    "modalities": list(layouts.MODALITIES),
+                                    "targets": list(options.target_names),
+                                    "random_slices": True})
     return folder
 
 
