@@ -1,12 +1,13 @@
 """Benchmark pieces that need no run: the FLOP count behind bench/training.py's GFLOP/s
-figures, bench/allreduce.py's fit of the ring-allreduce cost model, and how
+figures and its random datasets, bench/allreduce.py's fit of the ring-allreduce cost model, and how
 bench/converter.py forms its ratios."""
 import os
 
 import pytest
 
 import model as unet
-from bench.training import forward_flops_per_slice
+from bench.training import forward_flops_per_slice, make_dataset
+from brainseg import checkpoints, dataset
 
 
 def test_forward_flops_count_every_convolution():
@@ -16,6 +17,18 @@ def test_forward_flops_count_every_convolution():
     multiply_adds = (64 * 9 * (2 * 4 + 4 * 4) + 16 * 9 * (4 * 8 + 8 * 8) + 16 * 4 * 8 * 4
                      + 64 * 9 * (8 * 4 + 4 * 4) + 64 * 4)
     assert forward_flops_per_slice(net) == 2 * multiply_adds
+
+
+def test_the_training_benchmark_data_opens_as_a_converted_dataset(tmp_path):
+    """Training opens only arrays a manifest vouches for; the benchmark's random slices
+    lacked one, and bench/training.py failed at its first measurement."""
+    folder = make_dataset(str(tmp_path / "small"), num_train=40, image_size=16)
+    imgs, msks = dataset.open_split(folder, "train", image_size=16, channels=4)
+    assert imgs.shape == (40, 16, 16, 4) and msks.shape == (40, 16, 16, 3)
+    assert ((msks[..., 2] <= msks[..., 1]) & (msks[..., 1] <= msks[..., 0])).all()  # nested
+    assert 0.05 < msks[..., 0].mean() < 0.3
+    description = checkpoints.describe(dataset.load_manifest(folder))
+    assert description["regions"] == ["whole_tumor", "tumor_core", "enhancing_tumor"]
 
 
 def test_ring_model_fit_recovers_latency_and_bandwidth():
