@@ -5,26 +5,39 @@ seed project hand-tuned 57 threads on 68-core nodes. Here 0 means "work it out":
 in this process's CPU affinity (what mpirun binding gave it), or, when it is not bound, the
 node's cores shared evenly between the ranks on the node.
 
-Precision. Only AMX makes bfloat16 training faster than float32. Measured on this project's
-2-core VM, whose CPU has AVX512_BF16 but no AMX (bench/training.py, reference U-Net, batch 16,
-2 threads): mixed_bfloat16 trains at 0.67x float32, because oneDNN's avx512_core_bf16
-convolutions themselves take 1.62x the time of its float32 avx512_core ones (casts and
-layout reorders: 6 ms of a 290 ms step in both). AMX tiles (Sapphire Rapids and later)
-roughly double the float32 rate. So PRECISION = "auto" reads the CPU flags at run time.
+Precision. AMX tiles (Sapphire Rapids and later) roughly double the float32 rate, so with AMX
+PRECISION = "auto" trains in bfloat16. AVX512_BF16 alone can go either way: on an Intel Xeon
+VM (bench/training.py, reference U-Net, batch 16, 2 threads) mixed_bfloat16 trained at 0.67x
+float32, oneDNN's avx512_core_bf16 convolutions themselves taking 1.62x the time of its
+float32 avx512_core ones; on an AMD EPYC VM the same kernels took 0.57x and training ran
+1.34-1.40x faster. So on such a CPU "auto" is timed: train_horovod.py times a training step in
+both precisions once and records the faster (recorded_choice). Without either flag TensorFlow
+emulates bfloat16, and "auto" is float32.
 
 Memory. glibc gives every block above 32 MB its own mapping and unmaps it when freed, so the
 next volume-sized array is page-faulted and zeroed by the kernel again: keep_freed_memory.
 NumPy asks the kernel for 2 MB pages for every array of 4 MB or more, each zeroed (and made
 room for) when first touched: avoid_huge_pages.
 """
+import contextlib
 import ctypes
+import fcntl
 import hashlib
+import json
 import os
 
 import numpy as np
 
+from brainseg import atomic
+
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 FAST_BF16_CPU_FLAGS = ("amx_bf16",)
+# Where a CPU's measured choices are recorded (the Horovod wheel is cached here too).
+# Timed on a CPU with AVX512_BF16 but no AMX, bfloat16 must train this much faster to be
+# chosen: the CPUs measured so far were far from it either way (0.67x and 1.34x).
+BF16_MIN_SPEEDUP = 1.1
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "unet-horovod")
 
 
 # mallopt(3) parameters (malloc.h)
@@ -138,6 +151,55 @@ def resolve_precision(precision, cpuinfo_path="/proc/cpuinfo"):
     if precision == "auto":
         return "mixed_bfloat16" if cpu_has_fast_bfloat16(cpuinfo_path) else "float32"
     return precision
+
+
+def precision_is_timed(precision, cpuinfo_path="/proc/cpuinfo"):
+    """True when "auto" cannot tell from the CPU flags which precision is faster: AVX512_BF16
+    without AMX (see the module docstring)."""
+    return (precision == "auto" and cpu_supports_bfloat16(cpuinfo_path)
+            and not cpu_has_fast_bfloat16(cpuinfo_path))
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """An exclusive flock on `path` while the block runs; no lock where the file cannot be
+    made (a read-only cache): the block then runs unlocked."""
+    try:
+        file = open(path, "a")
+    except OSError:
+        yield
+        return
+    with file:
+        fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def recorded_choice(record, choices, measure):
+    """(choice, "recorded" or "measured"): the choice recorded in the JSON file `record` when
+    it is one of `choices`, else measure() -> (choice, details), recorded there with its
+    details for the next run. Processes asking at once (the ranks of a node) take turns under
+    a lock beside the record, so one measures, alone on the cores, and the others read what
+    it found. A record that cannot be read or written only means measuring again next time."""
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(record), exist_ok=True)
+    with _locked(record + ".lock"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with open(record) as file:
+                choice = json.load(file)["choice"]
+            if choice in choices:
+                return choice, "recorded"
+        choice, details = measure()
+        with contextlib.suppress(OSError):
+            atomic.write_json(record, {"choice": choice, **details})
+    return choice, "measured"
+
+
+def faster_training_precision(seconds_per_step):
+    """(policy, details) for recorded_choice: mixed_bfloat16 when seconds_per_step(policy),
+    a timed training step, is BF16_MIN_SPEEDUP times shorter in it than in float32."""
+    seconds = {policy: seconds_per_step(policy) for policy in ("float32", "mixed_bfloat16")}
+    faster = seconds["float32"] >= BF16_MIN_SPEEDUP * seconds["mixed_bfloat16"]
+    return "mixed_bfloat16" if faster else "float32", {"seconds_per_step": seconds}
 
 
 def set_precision(precision):

@@ -20,7 +20,6 @@ OpenVINO's compiled-model cache (its CACHE_DIR property) is not used: it saved 0
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 import secrets
 import shutil
@@ -208,21 +207,17 @@ def seconds_per_batch(model, batch_size=16, repeats=3):
 def fastest_model(ir_path, threads, cpuinfo_path="/proc/cpuinfo"):
     """The IR compiled in float32 or bfloat16, whichever predicts faster on this CPU: both are
     timed the first time (about a second for the U-Net) and the choice is recorded in the
-    cache entry per CPU model (precision-<cpu id>.json), so later runs compile only that one.
-    A record that cannot be written (a read-only cache) only means measuring again next time."""
+    cache entry per CPU model (precision-<cpu id>.json), so later runs compile only that one."""
     record = os.path.join(os.path.dirname(ir_path),
                           f"precision-{hardware.cpu_id(cpuinfo_path)}.json")
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        with open(record) as file:
-            hint = json.load(file)["hint"]
-        if hint in OPENVINO_PRECISIONS.values():
-            return OpenVINOModel(ir_path, hint, threads)
-    models = {hint: OpenVINOModel(ir_path, hint, threads) for hint in ("f32", "bf16")}
-    seconds = {hint: seconds_per_batch(model) for hint, model in models.items()}
-    hint = min(seconds, key=seconds.get)
-    with contextlib.suppress(OSError):
-        atomic.write_json(record, {"hint": hint, "seconds_per_batch": seconds})
-    return models[hint]
+    models = {}
+
+    def measure():
+        models.update({hint: OpenVINOModel(ir_path, hint, threads) for hint in ("f32", "bf16")})
+        seconds = {hint: seconds_per_batch(model) for hint, model in models.items()}
+        return min(seconds, key=seconds.get), {"seconds_per_batch": seconds}
+    hint, _ = hardware.recorded_choice(record, OPENVINO_PRECISIONS.values(), measure)
+    return models.get(hint) or OpenVINOModel(ir_path, hint, threads)
 
 
 def load(checkpoint, runtime, precision, load_keras, threads=0):

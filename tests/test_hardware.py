@@ -1,6 +1,9 @@
 """brainseg/hardware.py: thread counts from the cores a process owns, the precision policy
-from the CPU flags, and a model cloned into another precision."""
+from the CPU flags or timed and recorded, and a model cloned into another precision."""
+import json
+import multiprocessing
 import os
+import time
 
 import keras
 import numpy as np
@@ -10,20 +13,84 @@ import model as unet
 from brainseg import hardware
 
 
-@pytest.mark.parametrize("flags,expected", [
-    ("fpu sse avx512f avx512_bf16 amx_bf16 amx_tile", "mixed_bfloat16"),
-    ("fpu sse avx512f avx512_bf16", "float32"),  # slower than float32 without AMX
-    ("fpu sse avx512f", "float32")])
-def test_auto_precision_follows_the_cpu_flags(tmp_path, flags, expected):
+@pytest.mark.parametrize("flags,expected,timed", [
+    ("fpu sse avx512f avx512_bf16 amx_bf16 amx_tile", "mixed_bfloat16", False),
+    ("fpu sse avx512f avx512_bf16", "float32", True),  # either may be faster without AMX
+    ("fpu sse avx512f", "float32", False)])
+def test_auto_precision_follows_the_cpu_flags(tmp_path, flags, expected, timed):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n"
                        f"processor\t: 1\nflags\t\t: {flags}\n")
     assert hardware.resolve_precision("auto", str(cpuinfo)) == expected
+    assert hardware.precision_is_timed("auto", str(cpuinfo)) == timed
+    assert not hardware.precision_is_timed("float32", str(cpuinfo))
     assert hardware.cpu_supports_bfloat16(str(cpuinfo)) == ("bf16" in flags)
     assert hardware.resolve_precision("float32", str(cpuinfo)) == "float32"
     assert hardware.resolve_precision("auto", str(tmp_path / "absent")) == "float32"
     with pytest.raises(ValueError, match="bfloat16"):
         hardware.resolve_precision("float16")
+
+
+@pytest.mark.parametrize("float32_seconds,expected", [
+    (1.34, "mixed_bfloat16"),  # the AMD EPYC without AMX
+    (1.05, "float32"),  # within the noise: not worth a change of numerics
+    (0.67, "float32")])  # the Intel Xeon without AMX
+def test_bfloat16_trains_when_timed_clearly_faster(float32_seconds, expected):
+    seconds = {"float32": float32_seconds, "mixed_bfloat16": 1.0}
+    choice, details = hardware.faster_training_precision(seconds.get)
+    assert choice == expected
+    assert details == {"seconds_per_step": seconds}
+
+
+def test_a_choice_is_measured_once_then_read_from_its_record(tmp_path):
+    record = str(tmp_path / "cache" / "choice.json")
+    measured = []
+
+    def measure():
+        measured.append(1)
+        return "b", {"seconds": {"a": 2.0, "b": 1.0}}
+    assert hardware.recorded_choice(record, ("a", "b"), measure) == ("b", "measured")
+    assert json.load(open(record)) == {"choice": "b", "seconds": {"a": 2.0, "b": 1.0}}
+    assert hardware.recorded_choice(record, ("a", "b"), measure) == ("b", "recorded")
+    assert len(measured) == 1
+    # A record naming no valid choice (another version's, or damaged) is measured again.
+    for content in ('{"choice": "c"}', "{not json", '["b"]'):
+        with open(record, "w") as file:
+            file.write(content)
+        assert hardware.recorded_choice(record, ("a", "b"), measure) == ("b", "measured")
+    assert len(measured) == 4
+
+
+def test_a_choice_that_cannot_be_recorded_is_still_made(tmp_path):
+    not_a_folder = tmp_path / "file"  # (read-only folders do not stop root)
+    not_a_folder.write_text("")
+    record = str(not_a_folder / "choice.json")
+    for _ in range(2):
+        assert hardware.recorded_choice(record, ("a",), lambda: ("a", {})) == ("a", "measured")
+
+
+def _choose_slowly(record, log):
+    def measure():
+        with open(log, "a") as file:
+            file.write("measured\n")
+        time.sleep(1)
+        return "a", {}
+    hardware.recorded_choice(record, ("a",), measure)
+
+
+def test_processes_asking_at_once_measure_once(tmp_path):
+    """The ranks of a node start together: one times, alone on the cores, and the others
+    wait for its record rather than time beside it."""
+    record, log = str(tmp_path / "choice.json"), str(tmp_path / "log")
+    processes = [multiprocessing.get_context("fork").Process(target=_choose_slowly,
+                                                             args=(record, log))
+                 for _ in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    assert open(log).read() == "measured\n"
 
 
 def test_threads_zero_means_the_cores_this_process_owns(monkeypatch):
