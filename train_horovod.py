@@ -29,6 +29,8 @@ import atexit
 import contextlib
 import datetime
 import functools
+import hashlib
+import json
 import os
 import socket
 import sys
@@ -105,7 +107,9 @@ def average_batch_norm_statistics(model):
                     variable.assign(hvd.allreduce(variable.value, op=hvd.Average))
 
 
-def make_train_step(model, optimizer, loss_fn):
+def make_train_step(model, optimizer, loss_fn, average=True):
+    """One synchronous training step; average=False leaves out the allreduce (a step timed on
+    one rank alone, seconds_per_step)."""
     # No XLA (jit_compile): Horovod's XLA ops are not built for TF 2.21 (see README).
     @tf.function(jit_compile=False)
     def train_step(images, masks):
@@ -113,7 +117,7 @@ def make_train_step(model, optimizer, loss_fn):
             probabilities = model(images, training=True)
             loss = loss_fn(masks, probabilities)
         gradients = tape.gradient(loss, model.trainable_variables)
-        if hvd.size() > 1:  # one worker has nothing to average: no copy through Horovod
+        if average and hvd.size() > 1:  # one worker has nothing to average: no Horovod copy
             gradients = hvd.grouped_allreduce(gradients, op=hvd.Average)
         optimizer.apply(gradients, model.trainable_variables)
         intersection, total = unet.dice_sums(masks, tf.cast(probabilities > 0.5, tf.float32),
@@ -305,15 +309,87 @@ def restore_and_broadcast(model, optimizer, saved):
             f"{checkpoints.weights_fingerprint(model)}")
 
 
+def build_unet(args, images_shape, masks_shape):
+    """The run's U-Net, under the precision policy already set."""
+    return unet.build_unet(images_shape[1], context.channels(images_shape[3],
+                                                             args.CONTEXT_SLICES),
+                           masks_shape[3], args.BASE_FILTERS, args.DEPTH,
+                           args.USE_TRANSPOSED_CONV, args.USE_BATCH_NORM, args.DROPOUT)
+
+
+def loss_function(args):
+    return functools.partial(unet.bce_dice_loss, per_region=args.DICE_PER_REGION,
+                             false_negative_weight=args.DICE_FALSE_NEGATIVE_WEIGHT)
+
+
+def seconds_per_step(args, images_shape, masks_shape, policy, repeats=3):
+    """The best of `repeats` timed training steps of the run's U-Net and loss in the given
+    precision policy, on a batch of zeros (a convolution's time does not depend on the
+    values), after two untimed ones (tracing, oneDNN's choice of kernels); this rank alone."""
+    keras.mixed_precision.set_dtype_policy(policy)
+    model = build_unet(args, images_shape, masks_shape)
+    step = make_train_step(model, keras.optimizers.Adam(), loss_function(args), average=False)
+    images = tf.zeros((args.BATCH_SIZE, *images_shape[1:3],
+                       context.channels(images_shape[3], args.CONTEXT_SLICES)))
+    masks = tf.zeros((args.BATCH_SIZE, *masks_shape[1:]))
+    timings = []
+    for _ in range(2 + repeats):
+        started = time.perf_counter()
+        float(step(images, masks)[0])  # its loss read back, so that the step has run
+        timings.append(time.perf_counter() - started)
+    return min(timings[2:])
+
+
+def precision_record(args, images_shape, masks_shape, intra_threads):
+    """The file recording which precision trains faster for this CPU model, TensorFlow, thread
+    count, batch and network (any of them can move the ratio)."""
+    timed = {"tensorflow": tf.__version__, "intra_threads": intra_threads,
+             "batch_size": args.BATCH_SIZE, "images": images_shape[1:],
+             "masks": masks_shape[1:], "context_slices": args.CONTEXT_SLICES,
+             "network": [args.BASE_FILTERS, args.DEPTH, args.USE_TRANSPOSED_CONV,
+                         args.USE_BATCH_NORM]}
+    key = hashlib.sha256(json.dumps(timed, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(hardware.CACHE_DIR,
+                        f"training-precision-{hardware.cpu_id()}-{key}.json")
+
+
+def timed_precision(args, images_shape, masks_shape, intra_threads):
+    """(policy, "measured" or "recorded"): the precision that trains this run's network faster
+    on this CPU, timed the first time (seconds) and recorded (precision_record) for the next.
+    Ranks of a node asking at once take turns on a file lock: one times, alone on the cores,
+    and the others read its record."""
+    timed = functools.partial(seconds_per_step, args, images_shape, masks_shape)
+    choice = hardware.recorded_choice(
+        precision_record(args, images_shape, masks_shape, intra_threads),
+        hardware.PRECISIONS[1:], lambda: hardware.faster_training_precision(timed))
+    keras.backend.clear_session()  # the timed models' layer names must not shift the run's
+    return choice
+
+
+def training_precision(args, images_shape, masks_shape, intra_threads):
+    """(Keras policy, how it was chosen), set as the global policy. PRECISION "auto" on a CPU
+    with AVX512_BF16 but no AMX, where either precision may train faster
+    (brainseg/hardware.py), is timed (timed_precision). The ranks waiting for the one that
+    times wait on a file lock, outside Horovod, whose stall check would count a wait in a
+    collective. Then every rank trains in bfloat16 only if every rank found it faster: the
+    ranks must compute alike, and a job goes at the pace of its slowest rank."""
+    if not hardware.precision_is_timed(args.PRECISION):
+        policy = hardware.set_precision(args.PRECISION)
+        return policy, "from the CPU flags" if args.PRECISION == "auto" else "as asked"
+    policy, how = timed_precision(args, images_shape, masks_shape, intra_threads)
+    say(f"rank {hvd.rank()}: {policy} {how} as the faster training precision on this CPU")
+    policies = hvd.allgather_object(policy) if hvd.size() > 1 else [policy]
+    policy = hardware.set_precision(
+        "mixed_bfloat16" if set(policies) == {"mixed_bfloat16"} else "float32")
+    return policy, "timed on this CPU" if len(set(policies)) == 1 else \
+        "the ranks' CPUs disagree on the faster"
+
+
 def build_model_and_optimizer(args, images_shape, masks_shape, steps_per_epoch):
     """The U-Net (under the precision policy already set), Adam on the scaled, warmed-up
     schedule, and the model compiled with that optimizer: not for fit() (the loop in main()
     trains), but so that the callbacks find it and the saved state holds its variables."""
-    model = unet.build_unet(images_shape[1], context.channels(images_shape[3],
-                                                              args.CONTEXT_SLICES),
-                            masks_shape[3],
-                            args.BASE_FILTERS, args.DEPTH, args.USE_TRANSPOSED_CONV,
-                            args.USE_BATCH_NORM, args.DROPOUT)
+    model = build_unet(args, images_shape, masks_shape)
     schedule = learning_rate_schedule(args.LEARNING_RATE, hvd.size(), steps_per_epoch,
                                       args.EPOCHS, args.WARMUP_EPOCHS, args.FINAL_LR_FRACTION)
     optimizer = weight_average.AdamWithWeightAverage(schedule, args.WEIGHT_AVERAGE_MOMENTUM)
@@ -382,8 +458,7 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, descr
     the same early-stopping decision without a broadcast. Rank 0 logs and checkpoints; the
     best model is exported with `description` (how its input was prepared). Every piece of
     work feeds `stall_watchdog`."""
-    loss_fn = functools.partial(unet.bce_dice_loss, per_region=args.DICE_PER_REGION,
-                                false_negative_weight=args.DICE_FALSE_NEGATIVE_WEIGHT)
+    loss_fn = loss_function(args)
     train_step = make_train_step(model, optimizer, loss_fn)
     eval_step = make_eval_step(model, loss_fn)
     num_regions = model.output_shape[-1]
@@ -430,20 +505,23 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, descr
 def main(argv=None):
     args = cli.parse(__doc__.splitlines()[0], SETTINGS, argv, HELP, ALIASES)
 
-    # Horovod, and each worker's threads pinned to the cores it owns; from now on a rank
-    # that stops making progress stops the job.
+    # Horovod, and each worker's threads pinned to the cores it owns.
     start_horovod(args.TIMELINE, args.HOROVOD_CYCLE_TIME_MS, args.STALL_TIMEOUT_SECONDS)
-    stall_watchdog = start_watchdog(args.STALL_TIMEOUT_SECONDS)
     intra, inter = hardware.configure(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS,
                                       hvd.local_size())
-    precision = hardware.set_precision(args.PRECISION)
+
+    # The converted slices (memory-mapped), and the precision that trains them faster here
+    # (timed the first time on a CPU, for seconds). From then on a rank that stops making
+    # progress stops the job.
+    imgs_train, msks_train, imgs_test, msks_test = open_splits(args.DATA_DIR)
+    precision, chosen = training_precision(args, imgs_train.shape, msks_train.shape, intra)
+    stall_watchdog = start_watchdog(args.STALL_TIMEOUT_SECONDS)
     log(f"Horovod: {hvd.size()} workers; each uses {intra} intra-op and {inter} inter-op "
-        f"threads; precision {precision} (CPU has AMX-BF16: "
+        f"threads; precision {precision} ({chosen}; CPU has AMX-BF16: "
         f"{hardware.cpu_has_fast_bfloat16()})\nConfiguration:\n{cli.format_config(args)}")
     keras.utils.set_random_seed(args.SEED)
 
-    # The converted slices (memory-mapped), and the same number of steps on every rank.
-    imgs_train, msks_train, imgs_test, msks_test = open_splits(args.DATA_DIR)
+    # The same number of steps on every rank.
     steps_per_epoch = args.STEPS_PER_EPOCH or data.steps_per_epoch(
         len(imgs_train), hvd.size(), args.BATCH_SIZE, args.MIN_SLICES_PER_EPOCH)
     log(f"{len(imgs_train)} training slices, {len(imgs_test)} validation slices; "

@@ -8,9 +8,10 @@ What it measures (images per second after a warm-up epoch, aggregate over all ra
   - train_horovod.py under mpirun for every (ranks x threads per rank) that fits the cores,
     each rank bound to its own cores as run_multinode.sh does: 1x1, 1x2, 2x1 on 2 cores;
   - float32 against mixed_bfloat16 (1 rank on all cores); the rest runs in the precision
-    PRECISION="auto" picks here (bfloat16 only with AMX); and oneDNN's own time per step in
-    each kernel for both precisions, which shows whether the bfloat16 kernels are faster on
-    this CPU at all (bench/precision.py compares the Dice the two precisions reach);
+    PRECISION="auto" picks here (bfloat16 with AMX, timed with AVX512_BF16 alone); and
+    oneDNN's own time per step in each kernel for both precisions, which shows whether the
+    bfloat16 kernels are faster on this CPU at all (bench/precision.py compares the Dice the
+    two precisions reach);
   - achieved GFLOP/s: images/s x 3 x the model's forward FLOPs per slice (forward, input
     gradient and weight gradient each cost about one forward pass);
   - data.py alone (the same tf.data pipeline, no model): it must deliver >= 10x the training
@@ -257,6 +258,23 @@ def forward_flops_per_slice(model):
     return flops
 
 
+def default_precision(args, cores):
+    """The precision PRECISION="auto" trains in here with 1 rank on every core: from the CPU
+    flags, or on a CPU with AVX512_BF16 but no AMX as train_horovod.py times it (its record
+    reused, or made for the next run). Before anything else in this process runs TensorFlow
+    (its threads are set once)."""
+    if not hardware.precision_is_timed("auto"):
+        return hardware.resolve_precision("auto")
+    import train_horovod
+
+    hardware.configure(cores, 1)
+    run = train_horovod.cli.parse("bench", train_horovod.SETTINGS, [
+        "--batch-size", str(args.batch_size)], train_horovod.HELP, train_horovod.ALIASES)
+    images_shape = (args.train_slices, args.image_size, args.image_size, 4)
+    masks_shape = (args.train_slices, args.image_size, args.image_size, 3)
+    return train_horovod.timed_precision(run, images_shape, masks_shape, cores)[0]
+
+
 def forward_flops(image_size):
     return forward_flops_per_slice(settings_unet(image_size, 4, 1))
 
@@ -318,7 +336,7 @@ def main():
 
     args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="bench_training_")
     cores = len(os.sched_getaffinity(0))
-    fast = hardware.resolve_precision("auto")  # what a run here uses by default
+    fast = default_precision(args, cores)
     print(f"{cores} cores, default precision {fast} (AMX-BF16: "
           f"{hardware.cpu_has_fast_bfloat16()}, AVX512_BF16: {hardware.cpu_supports_bfloat16()}); "
           f"batch {args.batch_size} per rank, {args.steps} measured steps after a warm-up "

@@ -1,7 +1,10 @@
 """run_multinode.sh: hosts.txt parsing, the mpirun or horovodrun command it builds
 (--dry-run), and two real runs on this machine: horovodrun --gloo, and a TERM that stops every
 rank. Runs across hosts are in test_multihost.py."""
+import glob
+import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -10,6 +13,7 @@ import time
 
 import pytest
 
+from brainseg import hardware
 from conftest import REPO_DIR, weights_fingerprints
 
 LAUNCHER = os.path.join(REPO_DIR, "run_multinode.sh")
@@ -141,6 +145,40 @@ def test_gloo_training_runs_two_workers_without_mpirun(converted_dir, tmp_path):
     prints = weights_fingerprints(result.stdout)
     assert sorted(prints) == ["0", "1"] and len(set(prints.values())) == 1, result.stdout
     assert (tmp_path / "run" / "model.keras").exists()
+
+
+@pytest.mark.skipif(not hardware.precision_is_timed("auto"),
+                    reason="this CPU's flags decide the precision (AMX, or no bfloat16)")
+def test_auto_precision_is_timed_by_one_rank_and_followed_by_every_rank(converted_dir,
+                                                                       tmp_path):
+    """On a CPU with AVX512_BF16 but no AMX: the first run times a step in both precisions on
+    one rank while the other waits for its record, both train in the recorded choice, and
+    the next run reads the record without timing."""
+    def train(name):
+        result = subprocess.run(
+            [LAUNCHER, "--", "--data-dir", str(converted_dir), "--precision", "auto",
+             "--output-dir", str(tmp_path / name), "--epochs", "1", "--steps-per-epoch", "2",
+             "--batch-size", "4", "--base-filters", "4", "--depth", "2"],
+            capture_output=True, text=True, timeout=300,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", XDG_CACHE_HOME=str(tmp_path)))
+        assert result.returncode == 0, result.stdout + result.stderr
+        prints = weights_fingerprints(result.stdout)
+        assert sorted(prints) == ["0", "1"] and len(set(prints.values())) == 1, result.stdout
+        return result.stdout
+
+    first = train("first")
+    [record] = glob.glob(str(tmp_path / "unet-horovod" / "training-precision-*.json"))
+    with open(record) as file:
+        recorded = json.load(file)
+    assert set(recorded["seconds_per_step"]) == {"float32", "mixed_bfloat16"}
+    chosen = recorded["choice"]
+    assert sorted(re.findall(rf"rank \d: {chosen} (\w+) as the faster", first)) == \
+        ["measured", "recorded"], first
+    assert f"precision {chosen} (timed on this CPU;" in first
+
+    second = train("second")
+    assert re.findall(rf"rank \d: {chosen} (\w+) as the faster", second) == ["recorded"] * 2
+    assert f"precision {chosen} (timed on this CPU;" in second
 
 
 def test_terminating_the_launcher_stops_every_rank(converted_dir, tmp_path):

@@ -1,9 +1,12 @@
-"""train_horovod.py pieces that run without mpirun: the learning-rate schedule and threads."""
+"""train_horovod.py pieces that run without mpirun: the learning-rate schedule, the weight
+average, and the timing behind PRECISION "auto"."""
+import os
 
+import keras
 import pytest
 
 import train_horovod
-from brainseg import weight_average
+from brainseg import hardware, weight_average
 
 
 def test_learning_rate_warms_up_to_the_scaled_rate_then_decays():
@@ -93,3 +96,31 @@ def test_the_optimizer_survives_its_config(momentum):
     optimizer = weight_average.AdamWithWeightAverage(0.1, momentum)
     again = weight_average.AdamWithWeightAverage.from_config(optimizer.get_config())
     assert (again.use_ema, again.get_config()["momentum"]) == (momentum > 0, momentum)
+
+
+def tiny_args(*flags):
+    return train_horovod.cli.parse("test", train_horovod.SETTINGS,
+                                   ["--base-filters", "4", "--depth", "2", "--batch-size", "4",
+                                    *flags], train_horovod.HELP, train_horovod.ALIASES)
+
+
+def test_a_training_step_is_timed_in_the_precision_asked_for():
+    images_shape, masks_shape = (100, 32, 32, 4), (100, 32, 32, 3)
+    for policy in ("float32", "mixed_bfloat16"):
+        seconds = train_horovod.seconds_per_step(tiny_args(), images_shape, masks_shape, policy)
+        assert 0 < seconds < 10
+        assert keras.mixed_precision.global_policy().name == policy
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+def test_the_precision_record_is_per_network_batch_and_threads():
+    shapes = (100, 32, 32, 4), (100, 32, 32, 3)
+    record = train_horovod.precision_record(tiny_args(), *shapes, 2)
+    assert record == train_horovod.precision_record(tiny_args("--epochs", "9"), *shapes, 2)
+    assert os.path.basename(record).startswith(f"training-precision-{hardware.cpu_id()}-")
+    others = {train_horovod.precision_record(tiny_args("--base-filters", "8"), *shapes, 2),
+              train_horovod.precision_record(tiny_args("--batch-size", "8"), *shapes, 2),
+              train_horovod.precision_record(tiny_args(), *shapes, 1),
+              train_horovod.precision_record(tiny_args("--context-slices", "1"), *shapes, 2),
+              train_horovod.precision_record(tiny_args(), (100, 64, 64, 4), shapes[1], 2)}
+    assert record not in others and len(others) == 5
