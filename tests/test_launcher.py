@@ -153,7 +153,8 @@ def test_auto_precision_is_timed_by_one_rank_and_followed_by_every_rank(converte
                                                                        tmp_path):
     """On a CPU with AVX512_BF16 but no AMX: the first run times a step in both precisions on
     one rank while the other waits for its record, both train in the recorded choice, and
-    the next run reads the record without timing."""
+    the next run reads the record without timing, and trains to the same weights (the timed
+    models leave no trace in the run's)."""
     def train(name):
         result = subprocess.run(
             [LAUNCHER, "--", "--data-dir", str(converted_dir), "--precision", "auto",
@@ -179,6 +180,7 @@ def test_auto_precision_is_timed_by_one_rank_and_followed_by_every_rank(converte
     second = train("second")
     assert re.findall(rf"rank \d: {chosen} (\w+) as the faster", second) == ["recorded"] * 2
     assert f"precision {chosen} (timed on this CPU;" in second
+    assert weights_fingerprints(first) == weights_fingerprints(second)
 
 
 def test_terminating_the_launcher_stops_every_rank(converted_dir, tmp_path):
