@@ -322,10 +322,11 @@ def loss_function(args):
                              false_negative_weight=args.DICE_FALSE_NEGATIVE_WEIGHT)
 
 
-def seconds_per_step(args, images_shape, masks_shape, policy, repeats=3):
+def seconds_per_step(args, images_shape, masks_shape, policy, feed, repeats=3):
     """The best of `repeats` timed training steps of the run's U-Net and loss in the given
     precision policy, on a batch of zeros (a convolution's time does not depend on the
-    values), after two untimed ones (tracing, oneDNN's choice of kernels); this rank alone."""
+    values), after two untimed ones (tracing, oneDNN's choice of kernels); this rank alone.
+    feed(done) is called after every step (the stall watchdog's)."""
     keras.mixed_precision.set_dtype_policy(policy)
     model = build_unet(args, images_shape, masks_shape)
     step = make_train_step(model, keras.optimizers.Adam(), loss_function(args), average=False)
@@ -337,6 +338,7 @@ def seconds_per_step(args, images_shape, masks_shape, policy, repeats=3):
         started = time.perf_counter()
         float(step(images, masks)[0])  # its loss read back, so that the step has run
         timings.append(time.perf_counter() - started)
+        feed(f"a training step timed in {policy}")
     return min(timings[2:])
 
 
@@ -353,12 +355,14 @@ def precision_record(args, images_shape, masks_shape, intra_threads):
                         f"training-precision-{hardware.cpu_id()}-{key}.json")
 
 
-def timed_precision(args, images_shape, masks_shape, intra_threads):
+def timed_precision(args, images_shape, masks_shape, intra_threads, feed=lambda done: None):
     """(policy, "measured" or "recorded"): the precision that trains this run's network faster
     on this CPU, timed the first time (seconds) and recorded (precision_record) for the next.
     Ranks of a node asking at once take turns on a file lock: one times, alone on the cores,
-    and the others read its record."""
-    timed = functools.partial(seconds_per_step, args, images_shape, masks_shape)
+    and the others read its record. feed: the stall watchdog's; a rank waiting for the lock
+    is not fed, so a rank that stopped while timing stops the job."""
+    timed = functools.partial(seconds_per_step, args, images_shape, masks_shape, feed=feed)
+    feed("reading the data; next, the training precision recorded or timed on this node")
     choice = hardware.recorded_choice(
         precision_record(args, images_shape, masks_shape, intra_threads),
         hardware.PRECISIONS[1:], lambda: hardware.faster_training_precision(timed))
@@ -366,19 +370,21 @@ def timed_precision(args, images_shape, masks_shape, intra_threads):
     return choice
 
 
-def training_precision(args, images_shape, masks_shape, intra_threads):
+def training_precision(args, images_shape, masks_shape, intra_threads, stall_watchdog):
     """(Keras policy, how it was chosen), set as the global policy. PRECISION "auto" on a CPU
     with AVX512_BF16 but no AMX, where either precision may train faster
     (brainseg/hardware.py), is timed (timed_precision). The ranks waiting for the one that
-    times wait on a file lock, outside Horovod, whose stall check would count a wait in a
-    collective. Then every rank trains in bfloat16 only if every rank found it faster: the
-    ranks must compute alike, and a job goes at the pace of its slowest rank."""
+    times wait on a file lock, outside Horovod, whose stall check (half the stall timeout)
+    would count a wait in a collective. Then every rank trains in bfloat16 only if every rank
+    found it faster: the ranks must compute alike, and a job goes at its slowest rank's pace."""
     if not hardware.precision_is_timed(args.PRECISION):
         policy = hardware.set_precision(args.PRECISION)
         return policy, "from the CPU flags" if args.PRECISION == "auto" else "as asked"
-    policy, how = timed_precision(args, images_shape, masks_shape, intra_threads)
+    policy, how = timed_precision(args, images_shape, masks_shape, intra_threads,
+                                  stall_watchdog.feed)
     say(f"rank {hvd.rank()}: {policy} {how} as the faster training precision on this CPU")
     policies = hvd.allgather_object(policy) if hvd.size() > 1 else [policy]
+    stall_watchdog.feed("agreeing on the training precision")
     policy = hardware.set_precision(
         "mixed_bfloat16" if set(policies) == {"mixed_bfloat16"} else "float32")
     return policy, "timed on this CPU" if len(set(policies)) == 1 else \
@@ -505,17 +511,18 @@ def fit(model, optimizer, schedule, train_batches, test_batches, progress, descr
 def main(argv=None):
     args = cli.parse(__doc__.splitlines()[0], SETTINGS, argv, HELP, ALIASES)
 
-    # Horovod, and each worker's threads pinned to the cores it owns.
+    # Horovod, and each worker's threads pinned to the cores it owns; from now on a rank
+    # that stops making progress stops the job.
     start_horovod(args.TIMELINE, args.HOROVOD_CYCLE_TIME_MS, args.STALL_TIMEOUT_SECONDS)
+    stall_watchdog = start_watchdog(args.STALL_TIMEOUT_SECONDS)
     intra, inter = hardware.configure(args.NUM_INTRA_THREADS, args.NUM_INTER_THREADS,
                                       hvd.local_size())
 
     # The converted slices (memory-mapped), and the precision that trains them faster here
-    # (timed the first time on a CPU, for seconds). From then on a rank that stops making
-    # progress stops the job.
+    # (timed the first time on a CPU, for seconds).
     imgs_train, msks_train, imgs_test, msks_test = open_splits(args.DATA_DIR)
-    precision, chosen = training_precision(args, imgs_train.shape, msks_train.shape, intra)
-    stall_watchdog = start_watchdog(args.STALL_TIMEOUT_SECONDS)
+    precision, chosen = training_precision(args, imgs_train.shape, msks_train.shape, intra,
+                                           stall_watchdog)
     log(f"Horovod: {hvd.size()} workers; each uses {intra} intra-op and {inter} inter-op "
         f"threads; precision {precision} ({chosen}; CPU has AMX-BF16: "
         f"{hardware.cpu_has_fast_bfloat16()})\nConfiguration:\n{cli.format_config(args)}")

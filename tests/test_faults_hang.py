@@ -191,6 +191,40 @@ def test_a_rank_blocked_in_its_main_thread_is_named_by_horovod(converted_dir, tm
     assert_nothing_left(job_marker)
 
 
+def test_a_rank_stuck_while_timing_the_precision_stops_the_job(converted_dir, tmp_path,
+                                                               job_marker):
+    """PRECISION "auto" timed on a fresh node (tests/hang_rank.py): the rank that took the
+    record's lock blocks while it times, the other waits for the lock. Neither is fed, so a
+    watchdog ends the job within the stall timeout and a margin, saying what it waited for,
+    and nothing of the job is left."""
+    dry_run = subprocess.run([LAUNCHER, "--dry-run"], capture_output=True, text=True,
+                             check=True, timeout=60)
+    command = [os.path.join(REPO_DIR, "tests", "hang_rank.py") if word.endswith(
+        "train_horovod.py") else word for word in shlex.split(dry_run.stdout)]
+    job = subprocess.Popen(
+        [*command, "--data-dir", str(converted_dir), "--output-dir", str(tmp_path / "run"),
+         *TRAIN_FLAGS, "--precision", "auto", "--stall-timeout-seconds", str(STALL_TIMEOUT)],
+        cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_DIR,
+                 XDG_CACHE_HOME=str(tmp_path / "cache"), HANG_WHILE_TIMING_PRECISION="1"))
+    output = Output(job)
+    output.wait_for("blocking while timing the training precision", job)
+    blocked_at = time.monotonic()
+    try:
+        returncode = job.wait(timeout=EXIT_BOUND)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail(f"the job still runs {EXIT_BOUND} s after a rank blocked:\n"
+                    f"{output.text()}\n" + "\n".join(job_processes(job_marker)))
+    text = output.text()
+    assert returncode != 0, text
+    assert re.search(rf"watchdog: rank \d on \S+ made no progress for {STALL_TIMEOUT} s "
+                     r"\(last finished: reading the data; next, the training precision",
+                     text), text
+    assert time.monotonic() - blocked_at < EXIT_BOUND
+    assert_nothing_left(job_marker)
+
+
 def slow_agent(tmp_path, slow_on):
     """A launch agent that hangs (a child `sleep`, as an unreachable ssh would) when the
     remote command contains `slow_on`, and otherwise does nothing and succeeds."""

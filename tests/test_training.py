@@ -107,9 +107,12 @@ def tiny_args(*flags):
 def test_a_training_step_is_timed_in_the_precision_asked_for():
     images_shape, masks_shape = (100, 32, 32, 4), (100, 32, 32, 3)
     for policy in ("float32", "mixed_bfloat16"):
-        seconds = train_horovod.seconds_per_step(tiny_args(), images_shape, masks_shape, policy)
+        fed = []  # the stall watchdog is fed after every step
+        seconds = train_horovod.seconds_per_step(tiny_args(), images_shape, masks_shape, policy,
+                                                 fed.append)
         assert 0 < seconds < 10
         assert keras.mixed_precision.global_policy().name == policy
+        assert fed == [f"a training step timed in {policy}"] * 5
     keras.mixed_precision.set_dtype_policy("float32")
 
 
