@@ -206,8 +206,8 @@ HOST_TIMEOUT_SECONDS = 20
 # --- Inference -----------------------------------------------------------------------------
 CHECKPOINT = ""  # "": the best model of the training run, TRAIN_DIR/model.keras
 INFERENCE_BATCH_SIZE = 64
-# "auto": bfloat16 where it is faster: with TensorFlow where the CPU has AMX, with OpenVINO
-# where it has AVX512_BF16 or AMX (brainseg/runtime.py); float32 elsewhere.
+# "auto": bfloat16 where it is faster: on a CPU with AMX, and where it has AVX512_BF16 alone
+# if timing once says so (brainseg/runtime.py); float32 elsewhere.
 INFERENCE_PRECISION = "auto"  # "auto" | "float32" | "mixed_bfloat16"
 # What predicts: "openvino" (Intel's CPU inference runtime; the checkpoint is converted once
 # and cached beside it, in <checkpoint>.openvino/), "tensorflow" (Keras), or "auto": OpenVINO

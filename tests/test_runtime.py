@@ -204,6 +204,37 @@ def test_auto_compiles_the_precision_measured_faster_and_remembers_it_per_cpu(
     assert len(records) == 2  # (the real timing runs in the "auto" test above)
 
 
+def test_tensorflow_auto_predicts_in_the_precision_measured_faster_and_remembers_it(
+        checkpoint, tmp_path, monkeypatch):
+    """On a CPU with AVX512_BF16 but no AMX, TensorFlow's "auto" times both precisions once
+    per CPU, TensorFlow and checkpoint; the model it returns computes in the faster."""
+    monkeypatch.setattr(hardware, "CACHE_DIR", str(tmp_path / "cache"))
+    epyc = tmp_path / "epyc"
+    epyc.write_text("model name\t: AMD EPYC\nflags\t\t: avx512f avx512_bf16\n")
+    timed = []
+
+    def bf16_faster(model):  # what the AMD EPYC measured (1.34x)
+        policy = model.layers[1].dtype_policy.name
+        timed.append(policy)
+        return {"float32": 1.34, "mixed_bfloat16": 1.0}[policy]
+    monkeypatch.setattr(runtime, "seconds_per_batch", bf16_faster)
+    trained = inference.load_checkpoint(checkpoint)
+    for _ in range(2):  # measured, then recorded
+        chosen = runtime.faster_keras_model(checkpoint, trained, str(epyc))
+        assert chosen.layers[1].dtype_policy.name == "mixed_bfloat16"
+        assert chosen.layers[-1].dtype_policy.name == "float32"
+    assert sorted(timed) == ["float32", "mixed_bfloat16"]
+    assert len(os.listdir(tmp_path / "cache")) == 2  # the record and its lock
+
+    # load() goes through it for "auto" where the flags cannot tell, and only there.
+    monkeypatch.setattr(hardware, "precision_is_timed", lambda precision: precision == "auto")
+    model, said = runtime.load(checkpoint, "tensorflow", "auto", inference.load_checkpoint)
+    assert said == "runtime: TensorFlow, mixed_bfloat16 (the faster here)"
+    model, said = runtime.load(checkpoint, "tensorflow", "float32", inference.load_checkpoint)
+    assert said == "runtime: TensorFlow, float32"
+    assert len(timed) == 2 + 2 * (hardware.cpu_id() != hardware.cpu_id(str(epyc)))
+
+
 def test_a_missing_checkpoint_is_named_whatever_the_runtime(converted_dir, tmp_path):
     with pytest.raises(SystemExit, match=f"{tmp_path / 'none.keras'}: checkpoint not found"):
         inference.main(["--data-dir", str(converted_dir), "--checkpoint",
