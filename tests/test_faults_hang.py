@@ -112,6 +112,20 @@ def launch_training(output_dir, converted_dir, *extra_flags):
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
 
+def launch_hang_rank(converted_dir, tmp_path, stall_timeout, extra_flags, environment):
+    """The launcher's own mpirun command (--dry-run) running tests/hang_rank.py, which blocks
+    a rank where `environment` says, in place of train_horovod.py."""
+    dry_run = subprocess.run([LAUNCHER, "--dry-run"], capture_output=True, text=True,
+                             check=True, timeout=60)
+    command = [os.path.join(REPO_DIR, "tests", "hang_rank.py") if word.endswith(
+        "train_horovod.py") else word for word in shlex.split(dry_run.stdout)]
+    return subprocess.Popen(
+        [*command, "--data-dir", str(converted_dir), "--output-dir", str(tmp_path / "run"),
+         *TRAIN_FLAGS, *extra_flags, "--stall-timeout-seconds", str(stall_timeout)],
+        cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_DIR, **environment))
+
+
 @pytest.mark.parametrize("stopped_rank", [1, 0])
 def test_a_stopped_rank_stops_the_job_and_the_rerun_resumes(converted_dir, tmp_path,
                                                             job_marker, stopped_rank):
@@ -163,16 +177,8 @@ def test_a_rank_blocked_in_its_main_thread_is_named_by_horovod(converted_dir, tm
     stall timeout, names rank 1 as missing ("1!") and shuts down before the watchdog's
     timeout, and the job exits non-zero."""
     timeout = 20  # Horovod shuts down after 10 s without the rank, checking every 2 s
-    dry_run = subprocess.run([LAUNCHER, "--dry-run"], capture_output=True, text=True,
-                             check=True, timeout=60)
-    command = [os.path.join(REPO_DIR, "tests", "hang_rank.py") if word.endswith(
-        "train_horovod.py") else word for word in shlex.split(dry_run.stdout)]
-    job = subprocess.Popen(
-        [*command, "--data-dir", str(converted_dir), "--output-dir", str(tmp_path / "run"),
-         *TRAIN_FLAGS, "--stall-timeout-seconds", str(timeout)],
-        cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_DIR,
-                 HANG_RANK="1", HANG_AT_BATCH="80"))
+    job = launch_hang_rank(converted_dir, tmp_path, timeout, [],
+                           {"HANG_RANK": "1", "HANG_AT_BATCH": "80"})
     output = Output(job)
     output.wait_for("rank 1: blocking before batch 80", job)
     blocked_at = time.monotonic()
@@ -197,16 +203,9 @@ def test_a_rank_stuck_while_timing_the_precision_stops_the_job(converted_dir, tm
     record's lock blocks while it times, the other waits for the lock. Neither is fed, so a
     watchdog ends the job within the stall timeout and a margin, saying what it waited for,
     and nothing of the job is left."""
-    dry_run = subprocess.run([LAUNCHER, "--dry-run"], capture_output=True, text=True,
-                             check=True, timeout=60)
-    command = [os.path.join(REPO_DIR, "tests", "hang_rank.py") if word.endswith(
-        "train_horovod.py") else word for word in shlex.split(dry_run.stdout)]
-    job = subprocess.Popen(
-        [*command, "--data-dir", str(converted_dir), "--output-dir", str(tmp_path / "run"),
-         *TRAIN_FLAGS, "--precision", "auto", "--stall-timeout-seconds", str(STALL_TIMEOUT)],
-        cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_DIR,
-                 XDG_CACHE_HOME=str(tmp_path / "cache"), HANG_WHILE_TIMING_PRECISION="1"))
+    job = launch_hang_rank(converted_dir, tmp_path, STALL_TIMEOUT, ["--precision", "auto"],
+                           {"XDG_CACHE_HOME": str(tmp_path / "cache"),
+                            "HANG_WHILE_TIMING_PRECISION": "1"})
     output = Output(job)
     output.wait_for("blocking while timing the training precision", job)
     blocked_at = time.monotonic()
