@@ -32,10 +32,10 @@ from brainseg import atomic
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 FAST_BF16_CPU_FLAGS = ("amx_bf16",)
-# Where a CPU's measured choices are recorded (the Horovod wheel is cached here too).
 # Timed on a CPU with AVX512_BF16 but no AMX, bfloat16 must train this much faster to be
 # chosen: the CPUs measured so far were far from it either way (0.67x and 1.34x).
 BF16_MIN_SPEEDUP = 1.1
+# Where a CPU's measured choices are recorded (the Horovod wheel is cached here too).
 CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                          "unet-horovod")
 
