@@ -162,15 +162,13 @@ def precision_is_timed(precision, cpuinfo_path="/proc/cpuinfo"):
 
 @contextlib.contextmanager
 def _locked(path):
-    """An exclusive flock on `path` while the block runs; no lock where the file cannot be
-    made (a read-only cache): the block then runs unlocked."""
-    try:
-        file = open(path, "a")
-    except OSError:
-        yield
-        return
-    with file:
-        fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
+    """An exclusive flock on `path` while the block runs; none where the file cannot be made
+    (a read-only cache) or locked (ENOLCK: a network filesystem without locks): the block then
+    runs unlocked."""
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError):
+            file = stack.enter_context(open(path, "a"))
+            fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
         yield
 
 

@@ -69,6 +69,15 @@ def test_a_choice_that_cannot_be_recorded_is_still_made(tmp_path):
         assert hardware.recorded_choice(record, ("a",), lambda: ("a", {})) == ("a", "measured")
 
 
+def test_a_filesystem_without_locks_only_means_choosing_unlocked(tmp_path, monkeypatch):
+    def no_locks(file, operation):
+        raise OSError(37, "No locks available")  # ENOLCK: an NFS mount without lockd
+    monkeypatch.setattr(hardware.fcntl, "flock", no_locks)
+    record = str(tmp_path / "choice.json")
+    assert hardware.recorded_choice(record, ("a",), lambda: ("a", {})) == ("a", "measured")
+    assert hardware.recorded_choice(record, ("a",), lambda: ("b", {})) == ("a", "recorded")
+
+
 def _choose_slowly(record, log):
     def measure():
         with open(log, "a") as file:
