@@ -6,6 +6,7 @@ the full-size demo runs.
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -97,6 +98,15 @@ def weights_fingerprints(output, kind="final"):
     """{rank: fingerprint} from the "rank N: <kind> weights fingerprint HEX" lines that
     train_horovod.py prints on every rank (kind: "final" or "resumed")."""
     return dict(re.findall(rf"rank (\d+): {kind} weights fingerprint ([0-9a-f]{{16}})", output))
+
+
+def launch_command(script):
+    """run_multinode.sh's own mpirun command on this machine (--dry-run), running `script`
+    (a tests/ wrapper that injects a fault or fakes a CPU) in place of train_horovod.py."""
+    dry_run = subprocess.run([os.path.join(REPO_DIR, "run_multinode.sh"), "--dry-run"],
+                             capture_output=True, text=True, check=True, timeout=60)
+    return [os.path.join(REPO_DIR, "tests", script) if word.endswith("train_horovod.py")
+            else word for word in shlex.split(dry_run.stdout)]
 
 
 TINY_MODEL = ["--base-filters", "4", "--depth", "2", "--batch-size", "8"]

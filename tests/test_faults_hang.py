@@ -14,7 +14,6 @@ the launcher, preflight, the launch agent and rsync, mpirun and the ranks.
 import hashlib
 import os
 import re
-import shlex
 import signal
 import subprocess
 import threading
@@ -24,7 +23,7 @@ import uuid
 import pytest
 
 from brainseg import checkpoints, watchdog
-from conftest import REPO_DIR, weights_fingerprints
+from conftest import REPO_DIR, launch_command, weights_fingerprints
 from test_multihost import assert_checkpoint_intact
 from test_resume import LAUNCHER, TRAIN_FLAGS, rank_pid
 
@@ -113,15 +112,12 @@ def launch_training(output_dir, converted_dir, *extra_flags):
 
 
 def launch_hang_rank(converted_dir, tmp_path, stall_timeout, extra_flags, environment):
-    """The launcher's own mpirun command (--dry-run) running tests/hang_rank.py, which blocks
-    a rank where `environment` says, in place of train_horovod.py."""
-    dry_run = subprocess.run([LAUNCHER, "--dry-run"], capture_output=True, text=True,
-                             check=True, timeout=60)
-    command = [os.path.join(REPO_DIR, "tests", "hang_rank.py") if word.endswith(
-        "train_horovod.py") else word for word in shlex.split(dry_run.stdout)]
+    """The launcher's mpirun command running tests/hang_rank.py, which blocks a rank where
+    `environment` says."""
     return subprocess.Popen(
-        [*command, "--data-dir", str(converted_dir), "--output-dir", str(tmp_path / "run"),
-         *TRAIN_FLAGS, *extra_flags, "--stall-timeout-seconds", str(stall_timeout)],
+        [*launch_command("hang_rank.py"), "--data-dir", str(converted_dir),
+         "--output-dir", str(tmp_path / "run"), *TRAIN_FLAGS, *extra_flags,
+         "--stall-timeout-seconds", str(stall_timeout)],
         cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_DIR, **environment))
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from brainseg import hardware
-from conftest import REPO_DIR, weights_fingerprints
+from conftest import REPO_DIR, launch_command, weights_fingerprints
 
 LAUNCHER = os.path.join(REPO_DIR, "run_multinode.sh")
 
@@ -181,6 +181,31 @@ def test_auto_precision_is_timed_by_one_rank_and_followed_by_every_rank(converte
     assert re.findall(rf"rank \d: {chosen} (\w+) as the faster", second) == ["recorded"] * 2
     assert f"precision {chosen} (timed on this CPU;" in second
     assert weights_fingerprints(first) == weights_fingerprints(second)
+
+
+def test_ranks_whose_cpus_disagree_on_the_faster_precision_all_train_in_float32(
+        converted_dir, tmp_path):
+    """A mixed cluster (tests/two_cpus_rank.py): bfloat16 timed faster on rank 0's CPU model,
+    float32 on rank 1's. Every rank must compute alike, so both train in float32, say why,
+    and end with the same weights; each CPU model's record keeps its own finding."""
+    result = subprocess.run(
+        [*launch_command("two_cpus_rank.py"), "--data-dir", str(converted_dir),
+         "--output-dir", str(tmp_path / "run"), "--precision", "auto", "--epochs", "1",
+         "--steps-per-epoch", "2", "--batch-size", "4", "--base-filters", "4", "--depth", "2"],
+        cwd=REPO_DIR, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_DIR,
+                 XDG_CACHE_HOME=str(tmp_path / "cache")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rank 0: mixed_bfloat16 measured as the faster" in result.stdout, result.stdout
+    assert "rank 1: float32 measured as the faster" in result.stdout, result.stdout
+    assert "precision float32 (the ranks' CPUs disagree on the faster;" in result.stdout
+    prints = weights_fingerprints(result.stdout)
+    assert sorted(prints) == ["0", "1"] and len(set(prints.values())) == 1, result.stdout
+    records = {}
+    for path in glob.glob(str(tmp_path / "cache" / "unet-horovod" / "training-precision-*.json")):
+        with open(path) as file:
+            records[re.search(r"cpu-of-rank-(\d)", path).group(1)] = json.load(file)["choice"]
+    assert records == {"0": "mixed_bfloat16", "1": "float32"}
 
 
 def test_terminating_the_launcher_stops_every_rank(converted_dir, tmp_path):
