@@ -35,7 +35,7 @@ REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
 
 import settings  # noqa: E402
-from bench.training import forward_flops_per_slice  # noqa: E402
+from bench.training import default_precision, forward_flops_per_slice  # noqa: E402
 from brainseg import atomic, hardware  # noqa: E402
 
 LAYER_KINDS = {"Conv2D": "convolutions", "Conv2DTranspose": "convolutions",
@@ -177,7 +177,8 @@ def main():
 
     hvd.init()  # one rank: the step skips the allreduce, as train_horovod.py does
     intra, inter = hardware.configure(settings.NUM_INTRA_THREADS, settings.NUM_INTER_THREADS)
-    precision = hardware.resolve_precision(args.precision)
+    precision = default_precision(args.batch_size, settings.IMAGE_SIZE, intra) \
+        if args.precision == "auto" else hardware.resolve_precision(args.precision)
     rng = np.random.default_rng(0)
     batch = (tf.constant(rng.normal(size=(args.batch_size, settings.IMAGE_SIZE,
                                           settings.IMAGE_SIZE, 4)).astype(np.float32)),

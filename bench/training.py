@@ -258,21 +258,19 @@ def forward_flops_per_slice(model):
     return flops
 
 
-def default_precision(args, cores):
-    """The precision PRECISION="auto" trains in here with 1 rank on every core: from the CPU
-    flags, or on a CPU with AVX512_BF16 but no AMX as train_horovod.py times it (its record
-    reused, or made for the next run). Before anything else in this process runs TensorFlow
-    (its threads are set once)."""
+def default_precision(batch_size, image_size, threads):
+    """The precision PRECISION="auto" trains the settings.py model in here, at this batch
+    size and thread count: from the CPU flags, or on a CPU with AVX512_BF16 but no AMX as
+    train_horovod.py times it (its record reused, or made for the next run). Call it after
+    hardware.configure and before this process runs anything else in TensorFlow."""
     if not hardware.precision_is_timed("auto"):
         return hardware.resolve_precision("auto")
     import train_horovod
 
-    hardware.configure(cores, 1)
     run = train_horovod.cli.parse("bench", train_horovod.SETTINGS, [
-        "--batch-size", str(args.batch_size)], train_horovod.HELP, train_horovod.ALIASES)
-    images_shape = (args.train_slices, args.image_size, args.image_size, 4)
-    masks_shape = (args.train_slices, args.image_size, args.image_size, 3)
-    return train_horovod.timed_precision(run, images_shape, masks_shape, cores)[0]
+        "--batch-size", str(batch_size)], train_horovod.HELP, train_horovod.ALIASES)
+    images_shape, masks_shape = (1, image_size, image_size, 4), (1, image_size, image_size, 3)
+    return train_horovod.timed_precision(run, images_shape, masks_shape, threads)[0]
 
 
 def forward_flops(image_size):
@@ -336,7 +334,8 @@ def main():
 
     args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="bench_training_")
     cores = len(os.sched_getaffinity(0))
-    fast = default_precision(args, cores)
+    hardware.configure(cores, 1)  # this process's own TensorFlow: the timing, the FLOP count
+    fast = default_precision(args.batch_size, args.image_size, cores)
     print(f"{cores} cores, default precision {fast} (AMX-BF16: "
           f"{hardware.cpu_has_fast_bfloat16()}, AVX512_BF16: {hardware.cpu_supports_bfloat16()}); "
           f"batch {args.batch_size} per rank, {args.steps} measured steps after a warm-up "
