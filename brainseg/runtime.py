@@ -18,6 +18,7 @@ OpenVINO's compiled-model cache (its CACHE_DIR property) is not used: it saved 0
 0.1 s compilation here, for 15 MB per model and precision.
 """
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -204,20 +205,28 @@ def seconds_per_batch(model, batch_size=16, repeats=3):
     return min(timings)
 
 
+def fastest_of(record, builders):
+    """The model, of builders {choice: () -> model}, that predicts faster: all are built and
+    timed the first time and the faster choice recorded in `record` (hardware.recorded_choice),
+    so later runs build only that one."""
+    models = {}
+
+    def measure():
+        models.update({choice: build() for choice, build in builders.items()})
+        seconds = {choice: seconds_per_batch(model) for choice, model in models.items()}
+        return min(seconds, key=seconds.get), {"seconds_per_batch": seconds}
+    choice, _ = hardware.recorded_choice(record, builders, measure)
+    return models.get(choice) or builders[choice]()
+
+
 def fastest_model(ir_path, threads, cpuinfo_path="/proc/cpuinfo"):
     """The IR compiled in float32 or bfloat16, whichever predicts faster on this CPU: both are
     timed the first time (about a second for the U-Net) and the choice is recorded in the
     cache entry per CPU model (precision-<cpu id>.json), so later runs compile only that one."""
     record = os.path.join(os.path.dirname(ir_path),
                           f"precision-{hardware.cpu_id(cpuinfo_path)}.json")
-    models = {}
-
-    def measure():
-        models.update({hint: OpenVINOModel(ir_path, hint, threads) for hint in ("f32", "bf16")})
-        seconds = {hint: seconds_per_batch(model) for hint, model in models.items()}
-        return min(seconds, key=seconds.get), {"seconds_per_batch": seconds}
-    hint, _ = hardware.recorded_choice(record, OPENVINO_PRECISIONS.values(), measure)
-    return models.get(hint) or OpenVINOModel(ir_path, hint, threads)
+    return fastest_of(record, {hint: functools.partial(OpenVINOModel, ir_path, hint, threads)
+                               for hint in OPENVINO_PRECISIONS.values()})
 
 
 def faster_keras_model(checkpoint, keras_model, cpuinfo_path="/proc/cpuinfo"):
@@ -230,15 +239,9 @@ def faster_keras_model(checkpoint, keras_model, cpuinfo_path="/proc/cpuinfo"):
     record = os.path.join(hardware.CACHE_DIR, f"inference-precision-"
                           f"{hardware.cpu_id(cpuinfo_path)}-tf{tf.__version__}-"
                           f"{checkpoint_digest(checkpoint)[:16]}.json")
-    models = {}
-
-    def measure():
-        models.update({policy: hardware.in_precision(keras_model, policy)
-                       for policy in hardware.PRECISIONS[1:]})
-        seconds = {policy: seconds_per_batch(model) for policy, model in models.items()}
-        return min(seconds, key=seconds.get), {"seconds_per_batch": seconds}
-    policy, _ = hardware.recorded_choice(record, hardware.PRECISIONS[1:], measure)
-    return models.get(policy) or hardware.in_precision(keras_model, policy)
+    return fastest_of(record, {policy: functools.partial(hardware.in_precision, keras_model,
+                                                         policy)
+                               for policy in hardware.PRECISIONS[1:]})
 
 
 def load(checkpoint, runtime, precision, load_keras, threads=0):
