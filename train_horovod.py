@@ -344,8 +344,13 @@ def seconds_per_step(args, images_shape, masks_shape, policy, feed, repeats=3):
 
 def precision_record(args, images_shape, masks_shape, intra_threads):
     """The file recording which precision trains faster for this CPU model, TensorFlow, thread
-    count, batch and network (any of them can move the ratio)."""
-    timed = {"tensorflow": tf.__version__, "intra_threads": intra_threads,
+    count, batch and network (any of them can move the ratio), and for this model.py: a
+    change to its layers can move it too (batch normalization on bfloat16 activations took
+    bfloat16 from 1.34x to 1.48x float32 on the EPYC), so a new model.py times again."""
+    with open(unet.__file__, "rb") as source:
+        model_code = hashlib.sha256(source.read()).hexdigest()[:12]
+    timed = {"tensorflow": tf.__version__, "model_code": model_code,
+             "intra_threads": intra_threads,
              "batch_size": args.BATCH_SIZE, "images": images_shape[1:],
              "masks": masks_shape[1:], "context_slices": args.CONTEXT_SLICES,
              "network": [args.BASE_FILTERS, args.DEPTH, args.USE_TRANSPOSED_CONV,

@@ -127,3 +127,14 @@ def test_the_precision_record_is_per_network_batch_and_threads():
               train_horovod.precision_record(tiny_args("--context-slices", "1"), *shapes, 2),
               train_horovod.precision_record(tiny_args(), (100, 64, 64, 4), shapes[1], 2)}
     assert record not in others and len(others) == 5
+
+
+def test_the_precision_record_changes_with_the_model_code(tmp_path, monkeypatch):
+    """A record timed with other layers is not read: a new model.py is timed again."""
+    shapes = (100, 32, 32, 4), (100, 32, 32, 3)
+    record = train_horovod.precision_record(tiny_args(), *shapes, 2)
+    changed = tmp_path / "model.py"
+    with open(train_horovod.unet.__file__) as source:
+        changed.write_text(source.read() + "\n# a changed layer\n")
+    monkeypatch.setattr(train_horovod.unet, "__file__", str(changed))
+    assert train_horovod.precision_record(tiny_args(), *shapes, 2) != record
