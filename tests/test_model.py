@@ -204,6 +204,49 @@ def test_fused_batch_normalization_takes_bfloat16_activations_as_they_are():
     assert [op.get_attr("T") for op in kernels] == [tf.bfloat16]
 
 
+def bias_gradient_test_layers(layer_class):
+    """A transposed convolution of the given class computing in bfloat16 and the stock one,
+    with the same weights."""
+    import keras
+
+    made = []
+    for cls in (layer_class, keras.layers.Conv2DTranspose):
+        layer = cls(8, 2, strides=2, padding="same", dtype="mixed_bfloat16")
+        layer.build((None, 32, 32, 4))
+        made.append(layer)
+    rng = np.random.default_rng(0)
+    for layer in made:
+        layer.kernel.assign(rng.normal(0, 0.3, layer.kernel.shape) if layer is made[0]
+                            else made[0].kernel)
+        layer.bias.assign(np.linspace(-1, 1, 8) if layer is made[0] else made[0].bias)
+    return made
+
+
+def test_transposed_convolution_sums_its_bias_gradient_in_float32():
+    """Under mixed_bfloat16 the bias gradient (16,384 values per channel here) is the exact
+    sum to bfloat16's rounding, where TensorFlow's bfloat16 sum is far off; the outputs and
+    the other gradients are the stock layer's, bit for bit."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    images = tf.cast(rng.normal(size=(4, 32, 32, 4)), tf.bfloat16)
+    upstream = tf.constant(rng.uniform(0.5, 1.5, (4, 64, 64, 8)), tf.float32)
+    results = []
+    for layer in bias_gradient_test_layers(unet.TransposedConvolution):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            outputs = layer(images)
+            loss = tf.reduce_sum(tf.cast(outputs, tf.float32) * upstream)
+        gradients = tape.gradient(loss, [images, layer.kernel, layer.bias])
+        results.append([np.asarray(tf.cast(t, tf.float32)) for t in (outputs, *gradients)])
+    (outputs, image_gradient, kernel_gradient, bias_gradient), stock = results
+    exact = np.asarray(tf.cast(upstream, tf.bfloat16), np.float64).sum(axis=(0, 1, 2))
+    np.testing.assert_allclose(bias_gradient, exact, rtol=2 ** -8)
+    assert np.max(np.abs(stock[3] - exact) / exact) > 0.05  # what the stock layer gives
+    for ours, theirs in zip((outputs, image_gradient, kernel_gradient), stock):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_exported_models_hold_stock_keras_layers_only(tmp_path):
     """A checkpoint for inference must load in any Keras: the fused layer exports as Keras'
     own BatchNormalization, with its weights."""
@@ -215,10 +258,12 @@ def test_exported_models_hold_stock_keras_layers_only(tmp_path):
     net = unet.build_unet(image_size=16, channels=2, num_classes=3, base_filters=4, depth=2,
                           use_batch_norm=True)
     assert type(net.get_layer("down0_bn1")) is unet.FusedBatchNormalization
+    assert type(net.get_layer("up0_up")) is unet.TransposedConvolution
     path = str(tmp_path / "model.keras")
     checkpoints.export_for_inference(net, path)
     with zipfile.ZipFile(path) as archive:
         config = json.loads(archive.read("config.json"))
     classes = {layer["class_name"] for layer in config["config"]["layers"]}
-    assert "BatchNormalization" in classes and "FusedBatchNormalization" not in classes
+    assert {"BatchNormalization", "Conv2DTranspose"} <= classes
+    assert not {"FusedBatchNormalization", "TransposedConvolution"} & classes
     assert "brainseg" not in json.dumps(config)
