@@ -39,6 +39,7 @@ from bench.training import default_precision, forward_flops_per_slice  # noqa: E
 from brainseg import atomic, hardware  # noqa: E402
 
 LAYER_KINDS = {"Conv2D": "convolutions", "Conv2DTranspose": "convolutions",
+               "TransposedConvolution": "convolutions",
                "BatchNormalization": "batch normalization",
                "FusedBatchNormalization": "batch normalization", "Activation": "ReLU",
                "MaxPooling2D": "pooling", "Concatenate": "concatenation",
