@@ -151,7 +151,10 @@ def restore_state(model, state):
         model.load_weights(state.path)
     except Exception as error:
         raise ValueError(f"{state.path}: cannot restore the training state into this model "
-                         f"({error}); was it written with other model settings?") from error
+                         f"({error}); was it written with other model settings, or by "
+                         f"another version of model.py (Keras files a layer's weights under "
+                         f"its class)? Finish that run with the code that started it, or "
+                         f"start over with a new --train-dir") from error
     restored = weights_fingerprint(model)
     if state.weights_fingerprint and restored != state.weights_fingerprint:
         raise ValueError(f"{state.path}: restored weights (fingerprint {restored}) differ "

@@ -103,6 +103,19 @@ def test_restoring_into_a_different_model_names_the_file(tmp_path):
         checkpoints.restore_state(other, checkpoints.load_state(tmp_path))
 
 
+def test_a_state_saved_before_a_layer_changed_class_is_refused_saying_why(tmp_path,
+                                                                          monkeypatch):
+    """Training states written before the up-sampling layers became
+    model.TransposedConvolution hold them as Keras' Conv2DTranspose, whose weights Keras
+    files under another name: restoring says that the model code may differ, and how to go
+    on, rather than half-loading."""
+    with monkeypatch.context() as patch:
+        patch.setattr(unet, "TransposedConvolution", keras.layers.Conv2DTranspose)
+        checkpoints.save_state(compiled_unet(), tmp_path, checkpoints.Progress(1, 5))
+    with pytest.raises(ValueError, match="another version of model.py.*new --train-dir"):
+        checkpoints.restore_state(compiled_unet(), checkpoints.load_state(tmp_path))
+
+
 def test_restored_weights_that_differ_from_the_recorded_ones_are_refused(tmp_path):
     """Keras may skip parts of a weights file with only a warning; the recorded fingerprint
     catches a restore that left some layers freshly initialized."""
