@@ -120,8 +120,7 @@ def make_train_step(model, optimizer, loss_fn, average=True):
         if average and hvd.size() > 1:  # one worker has nothing to average: no Horovod copy
             gradients = hvd.grouped_allreduce(gradients, op=hvd.Average)
         optimizer.apply(gradients, model.trainable_variables)
-        intersection, total = unet.dice_sums(masks, tf.cast(probabilities > 0.5, tf.float32),
-                                             per_region=True)
+        intersection, total = unet.thresholded_dice_sums(masks, probabilities)
         return loss, intersection, total
     return train_step
 
@@ -130,8 +129,7 @@ def make_eval_step(model, loss_fn):
     @tf.function(jit_compile=False)
     def eval_step(images, masks):
         probabilities = model(images, training=False)
-        intersection, total = unet.dice_sums(masks, tf.cast(probabilities > 0.5, tf.float32),
-                                             per_region=True)
+        intersection, total = unet.thresholded_dice_sums(masks, probabilities)
         batch = tf.cast(tf.shape(images)[0], tf.float32)
         return tf.concat([[loss_fn(masks, probabilities) * batch, batch], intersection, total],
                          axis=0)

@@ -13,8 +13,10 @@ train_horovod.py sets them, random slices: speed does not depend on pixel values
     without batch normalization, the floor normalization cannot beat;
   - traces the settings.py model's steps with TensorFlow's profiler and adds up the time of
     every op by the layer it belongs to (convolution, batch normalization, ReLU, pooling,
-    concatenation), the optimizer, the gradient sums of the skip connections, and the loss
-    and Dice; what is left of the wall time ran no op at all (Python, the executor, waits);
+    concatenation), the optimizer, the gradient sums of the skip connections, the loss (an
+    XLA-compiled function, timed by its wall time on the intra-op threads), and the Dice,
+    casts and the rest; what is left of the wall time ran no op at all (Python, the
+    executor, waits);
   - reports GFLOP/s (3x the convolutions' forward FLOPs per slice x images/s) and their
     share of what a large matrix product reaches on the same threads in the same precision
     (bfloat16 runs on AMX where the CPU has it): the practical peak of this CPU.
@@ -44,6 +46,9 @@ LAYER_KINDS = {"Conv2D": "convolutions", "Conv2DTranspose": "convolutions",
                "FusedBatchNormalization": "batch normalization", "Activation": "ReLU",
                "MaxPooling2D": "pooling", "Concatenate": "concatenation",
                "Dropout": "dropout"}
+# How the profiler names the run of an XLA-compiled function (model.bce_dice_loss_from_logits,
+# forward and gradient): its kernels run on the intra-op threads, outside the op executor.
+XLA_EVENT = "ThunkExecutor::Execute"
 
 
 def matmul_gflops(precision, size=2048, repeats=10):
@@ -107,10 +112,13 @@ def trace(step, batch, steps, log_dir):
     host = next(plane for plane in space.planes if plane.name == "/host:CPU")
     events = []
     for line in host.lines:
-        if not line.name.startswith("tf_Compute"):  # the executor threads that run ops
-            continue
         for event in line.events:
             name = host.event_metadata[event.metadata_id].name
+            if name == XLA_EVENT:  # an XLA-compiled function, run on the intra-op threads
+                events.append(("", XLA_EVENT, line.timestamp_ns * 1000 + event.offset_ps,
+                               event.duration_ps))
+            if not line.name.startswith("tf_Compute"):  # the executor threads that run ops
+                continue
             if ":" in name.replace("::", ""):  # "scope/op:OpType", not "ExecutorState::..."
                 op, op_type = name.rsplit(":", 1)
                 if op_type.endswith("PartitionedCall"):  # a function call: its ops count
@@ -123,10 +131,12 @@ def trace(step, batch, steps, log_dir):
 def category(op, op_type, layer_kinds):
     """What an op is for: a convolution by its type (oneDNN fuses a convolution with the bias
     and ReLU after it, under the ReLU's name), else from its name scope: the layer it
-    belongs to (forward, or its gradient under gradient_tape/), the optimizer, or the loss
-    and Dice around the model."""
+    belongs to (forward, or its gradient under gradient_tape/), the optimizer, or the Dice,
+    casts and bookkeeping around the model; the one XLA-compiled function is the loss."""
     if "Conv2D" in op_type:
         return "convolutions"
+    if op_type == XLA_EVENT:
+        return "loss (XLA-compiled)"
     for part in op.split("/"):
         layer = re.sub(r"_\d+$", "", part)  # tf.function scopes add "_1" to layer names
         if layer in layer_kinds:
@@ -135,7 +145,7 @@ def category(op, op_type, layer_kinds):
         return "optimizer (Adam)"
     if op_type == "AddN":
         return "gradient sums (skip connections)"
-    return "loss, Dice and step bookkeeping"
+    return "Dice, casts and step bookkeeping"
 
 
 def profile(step, batch, steps, layer_kinds):
@@ -144,14 +154,19 @@ def profile(step, batch, steps, layer_kinds):
         events, wall = trace(step, batch, steps, log_dir)
     seconds = collections.Counter()
     for op, op_type, _, duration in events:
-        seconds[category(op, op_type, layer_kinds)] += duration / 1e12
-    seconds["no op running (Python, executor, waits)"] = idle_seconds(events, wall)
+        if op_type != XLA_EVENT:
+            seconds[category(op, op_type, layer_kinds)] += duration / 1e12
+    # An XLA function runs on both intra-op threads at once at times: count its wall time.
+    xla = [event for event in events if event[1] == XLA_EVENT]
+    if xla:
+        seconds[category("", XLA_EVENT, layer_kinds)] = busy_seconds(xla)
+    seconds["no op running (Python, executor, waits)"] = max(0.0, wall - busy_seconds(events))
     return {what: {"ms_per_step": total / steps * 1000, "percent": 100 * total / wall}
             for what, total in seconds.most_common()}
 
 
-def idle_seconds(events, wall):
-    """Wall time during which no op ran on any executor thread."""
+def busy_seconds(events):
+    """Wall time during which at least one of the events ran."""
     busy, end = 0, None
     for _, _, start, duration in sorted(events, key=lambda event: event[2]):
         stop = start + duration
@@ -161,7 +176,7 @@ def idle_seconds(events, wall):
         elif stop > end:
             busy += stop - end
             end = stop
-    return max(0.0, wall - busy / 1e12)
+    return busy / 1e12
 
 
 def main():

@@ -120,7 +120,7 @@ def test_accuracy_pairs_two_recipes_case_by_case():
         paired_difference(reference, other_cases, "tumor_core")
 
 
-def test_step_profile_sorts_ops_by_the_layer_they_belong_to_and_finds_idle_time():
+def test_step_profile_sorts_ops_by_the_layer_they_belong_to_and_finds_busy_time():
     from bench import step_profile
 
     kinds = {"down0_conv1": "convolutions", "down0_bn1": "batch normalization"}
@@ -134,11 +134,12 @@ def test_step_profile_sorts_ops_by_the_layer_they_belong_to_and_finds_idle_time(
         "convolutions"
     assert category("adam/Sqrt_3", "Sqrt", kinds) == "optimizer (Adam)"
     assert category("gradient_tape/AddN_3", "AddN", kinds).startswith("gradient sums")
-    assert category("logistic_loss/Log1p", "Log1p", kinds).startswith("loss")
+    assert category("", step_profile.XLA_EVENT, kinds) == "loss (XLA-compiled)"
+    assert category("Cast_2", "Cast", kinds).startswith("Dice, casts")
     # ops at [0, 4) and [2, 6) overlap, [8, 9) is alone: busy 7 of 10 wall seconds
     events = [(None, None, start * 10**12, length * 10**12)
               for start, length in ((0, 4), (2, 4), (8, 1))]
-    assert step_profile.idle_seconds(events, 10.0) == pytest.approx(3.0)
+    assert step_profile.busy_seconds(events) == pytest.approx(7.0)
 
 
 def test_accuracy_reports_the_tumor_core_of_lower_grade_cases_apart(tmp_path):

@@ -73,6 +73,45 @@ def test_bce_dice_loss_adds_cross_entropy():
     assert float(unet.bce_dice_loss(truth, truth)) < 1e-3
 
 
+def test_the_compiled_loss_on_a_sigmoid_output_is_the_loss_written_out_op_by_op():
+    """bce_dice_loss runs XLA-compiled on the logits Keras keeps on the model's sigmoid output.
+    Its value and its gradient with respect to those logits must be those of the loss
+    written out as separate ops, including where a probability rounds to 0 or 1 (logits of
+    +-30), where a loss taken from the probabilities has lost its gradient."""
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    truth = (rng.random((2, 16, 16, 3)) > 0.7).astype(np.uint8)
+    logits = tf.constant(rng.normal(0, 3, (2, 16, 16, 3)).astype(np.float32))
+    logits = tf.tensor_scatter_nd_update(logits, [[0, 0, 0, 0], [0, 0, 1, 0]], [30.0, -30.0])
+    truth[0, 0, :2, 0] = (0, 1)  # both saturated pixels wrong: they must still be pushed back
+
+    def written_out(logits):
+        y, p = truth.astype(np.float32), tf.sigmoid(logits)
+        bce = tf.reduce_mean(tf.maximum(logits, 0) - logits * y
+                             + tf.math.log1p(tf.exp(-tf.abs(logits))))
+        intersection = tf.reduce_sum(y * p, axis=(0, 1, 2))
+        total = tf.reduce_sum(y, axis=(0, 1, 2)) + tf.reduce_sum(p, axis=(0, 1, 2))
+        return bce + 1 - tf.reduce_mean((2 * intersection + unet.SMOOTH) / (total + unet.SMOOTH))
+
+    def compiled(logits):
+        probabilities = keras.activations.sigmoid(logits)  # carries _keras_logits
+        return unet.bce_dice_loss(truth, probabilities, per_region=True)
+
+    values, gradients = [], []
+    for loss_of in (written_out, compiled):
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            loss = loss_of(logits)
+        values.append(float(loss))
+        gradients.append(tape.gradient(loss, logits).numpy())
+    assert values[1] == pytest.approx(values[0], rel=1e-6)
+    np.testing.assert_allclose(gradients[1], gradients[0], rtol=1e-5, atol=1e-9)
+    n = truth.size  # each saturated wrong pixel: the cross-entropy's (p - y) / n
+    assert gradients[1][0, 0, 0, 0] > 0.9 / n and gradients[1][0, 0, 1, 0] < -0.9 / n
+
+
 def test_per_region_dice_loss_weighs_every_region_equally():
     """A large region found perfectly and a small one missed: one Dice pooled over both
     hardly notices the miss; the mean of per-region Dice terms halves the score."""
