@@ -184,8 +184,21 @@ def random_gamma(image, seed, max_gamma, modalities=None):
     return tf.reshape(result, shape)
 
 
+def random_modality_dropout(image, seed, probability, modalities=None):
+    """With `probability`, one modality drawn at random is set to 0 (the brain's mean after
+    normalization; on every slice of a 2.5D stack of `modalities` channels each). What sets
+    a lower-grade tumor's core apart from its edema is a different modality from case to
+    case; a network that cannot count on any one modality learns to read them all."""
+    channels = image.shape[-1]
+    modalities = modalities or channels
+    chance, which = tf.unstack(tf.random.stateless_uniform([2], seed))
+    dropped = tf.cast(which * modalities, tf.int32)
+    lost = (tf.range(channels) % modalities == dropped) & (chance < probability)
+    return image * (1.0 - tf.cast(lost, image.dtype))
+
+
 def augment(image, mask, seed, intensity=0.0, modalities=None, max_scale=0.0,
-            max_degrees=0.0, gamma=0.0):
+            max_degrees=0.0, gamma=0.0, modality_dropout=0.0):
     """A random left-right flip followed by a random number of 90-degree rotations: together
     they reach all 8 symmetries of the square. Image and mask are transformed together
     (concatenated), so the labels stay on their pixels. With intensity > 0, each modality's
@@ -194,8 +207,9 @@ def augment(image, mask, seed, intensity=0.0, modalities=None, max_scale=0.0,
     `modalities` channels each) gets each modality's change on every slice, inside that
     slice's own brain. With max_scale or max_degrees, the pair is then zoomed and turned
     (random_zoom_and_turn), from a seed of its own: without, the batches are as before.
-    With gamma > 0, each modality's contrast is then bent (random_gamma), from a seed of its
-    own too."""
+    With gamma > 0, each modality's contrast is then bent (random_gamma), and with
+    modality_dropout > 0 a modality may be lost (random_modality_dropout), each from a seed
+    of its own too."""
     flip_seed, rotation_seed, intensity_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 3))
     both = tf.concat([image, mask], axis=-1)
@@ -225,6 +239,9 @@ def augment(image, mask, seed, intensity=0.0, modalities=None, max_scale=0.0,
     if gamma:
         image = random_gamma(image, tf.random.experimental.stateless_fold_in(seed, 4), gamma,
                              modalities)
+    if modality_dropout:
+        image = random_modality_dropout(image, tf.random.experimental.stateless_fold_in(seed, 5),
+                                        modality_dropout, modalities)
     return image, mask
 
 
@@ -247,13 +264,15 @@ def sample_stream(indices, seed, tumor_indices=None, tumor_share=0.0):
 
 def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0,
                      intensity_augmentation=0.0, neighbours=None, tumor_indices=None,
-                     tumor_share=0.0, max_scale=0.0, max_degrees=0.0, gamma=0.0):
+                     tumor_share=0.0, max_scale=0.0, max_degrees=0.0, gamma=0.0,
+                     modality_dropout=0.0):
     """Endless shuffled, augmented batches of the given shard; the caller takes
     steps_per_epoch() batches per epoch. The same seed gives the same batches. `neighbours`
     (brainseg/context.py's table for these arrays, None for one slice) makes 2.5D samples;
     tumor_share draws that share of the samples from `tumor_indices` (sample_stream);
     max_scale and max_degrees zoom and turn each sample (random_zoom_and_turn), gamma bends
-    its contrast (random_gamma).
+    its contrast (random_gamma), modality_dropout may take a modality away
+    (random_modality_dropout).
 
     skip_samples drops that many samples from the start of the stream: a run resumed after
     k epochs passes k x steps x batch size and sees exactly the batches the uninterrupted run
@@ -269,7 +288,8 @@ def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0,
     dataset = dataset.map(lambda image, mask, aug_seed: augment(image, mask, aug_seed,
                                                                intensity_augmentation,
                                                                modalities, max_scale,
-                                                               max_degrees, gamma),
+                                                               max_degrees, gamma,
+                                                               modality_dropout),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 

@@ -207,6 +207,33 @@ def test_gamma_bends_each_modality_inside_the_brain_and_keeps_its_statistics(sli
     assert np.abs(np.diff(bent_alike[brain], axis=-1)).max() > 1e-3  # a curve per modality
 
 
+@pytest.mark.parametrize("slices", [1, 3])  # one slice, and a 2.5D stack of 3
+def test_modality_dropout_takes_one_whole_modality_from_some_slices(slices):
+    """About the given share of the samples lose one modality, set to 0 on every slice of
+    the stack; the other modalities, the mask and the flips and turns stay those of the same
+    seed without it; every modality is the one lost in some samples."""
+    rng = np.random.default_rng(5)
+    image = rng.normal(size=(8, 8, slices * 4)).astype(np.float32)
+    mask = (image[..., :1] > 0).astype(np.float32)
+    modalities = 4 if slices > 1 else None
+    lost = []
+    for seed in range(200):
+        plain_image, plain_mask = data.augment(image, mask, np.array([seed, 2]),
+                                               modalities=modalities)
+        dropped_image, dropped_mask = data.augment(image, mask, np.array([seed, 2]),
+                                                   modalities=modalities, modality_dropout=0.3)
+        np.testing.assert_array_equal(dropped_mask, plain_mask)
+        plain = plain_image.numpy().reshape(8, 8, slices, 4)
+        dropped = dropped_image.numpy().reshape(8, 8, slices, 4)
+        changed = [m for m in range(4) if not np.array_equal(plain[..., m], dropped[..., m])]
+        assert len(changed) <= 1
+        if changed:
+            assert not dropped[..., changed[0]].any()  # gone on every slice
+            lost.append(changed[0])
+    assert 0.2 < len(lost) / 200 < 0.4
+    assert set(lost) == {0, 1, 2, 3}
+
+
 def test_tumor_rows_are_found_in_memory_and_in_a_memory_map(tmp_path):
     msks = np.zeros((9, 4, 4, 3), np.uint8)
     msks[[1, 4, 8], 2, 3, 0] = 1

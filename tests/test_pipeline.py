@@ -46,20 +46,22 @@ def test_with_batch_normalization_both_workers_still_end_identical(converted_dir
     assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
 
 
-def test_oversampling_zoom_turn_and_gamma_train_through_the_launcher(converted_dir, tmp_path):
+def test_sampling_and_augmentation_flags_train_through_the_launcher(converted_dir, tmp_path):
     """The sampling, augmentation and loss flags reach both ranks: rank 0 reports the tumor
     slices of its shard, and the two ranks still end with the same weights."""
     result = run([os.path.join(REPO_DIR, "run_multinode.sh"), "--",
                   "--data-dir", str(converted_dir), "--train-dir", str(tmp_path / "augmented"),
                   "--epochs", "1", "--tumor-sample-share", "0.5", "--scale-augmentation",
                   "0.2", "--rotation-augmentation-degrees", "30", "--gamma-augmentation", "0.5",
-                  "--dice-false-negative-weight", "0.7", *TINY_MODEL], timeout=300)
+                  "--modality-dropout", "0.5", "--dice-false-negative-weight", "0.7",
+                  *TINY_MODEL], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     reported = re.search(r"Tumor-slice oversampling: 50% of the samples drawn from the "
                          r"(\d+) of (\d+) slices with tumor", result.stdout)
     assert reported and 0 < int(reported[1]) < int(reported[2]), result.stdout
     assert re.search(r"SCALE_AUGMENTATION += 0.2$", result.stdout, re.MULTILINE)
     assert re.search(r"GAMMA_AUGMENTATION += 0.5$", result.stdout, re.MULTILINE)
+    assert re.search(r"MODALITY_DROPOUT += 0.5$", result.stdout, re.MULTILINE)
     assert re.search(r"DICE_FALSE_NEGATIVE_WEIGHT += 0.7$", result.stdout, re.MULTILINE)
     fingerprints = weights_fingerprints(result.stdout)
     assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
