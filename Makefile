@@ -10,7 +10,7 @@ DEMO_RAW := data/demo/raw
 DEMO_DATA := data/demo/converted
 DEMO_TRAIN := runs/demo/train
 DEMO_INFERENCE := runs/demo/inference
-DEMO_EPOCHS := 4  # settings.EPOCHS is 12: the demo trains a third of the recipe to stay quick
+DEMO_EPOCHS := 6  # settings.EPOCHS is 12: the demo trains half of the recipe to stay quick
 
 .PHONY: setup demo test clean bench-training bench-precision test-multihost test-engines \
 	bench-multihost bench-allreduce
