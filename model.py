@@ -16,9 +16,6 @@ from brainseg import metrics
 # they stay defined and differentiable on batches without tumor; the case scores of
 # brainseg/metrics.py use none (metrics.dice_from_sums is the one formula for both).
 SMOOTH = 1.0
-# Probabilities without logits are clipped this far from 0 and 1 (Keras' epsilon) before
-# bce_dice_loss turns them back into logits.
-EPSILON = 1e-7
 
 # The output layer's bias starts at the logit of this probability, not at 0 (probability 0.5):
 # tumor is a few percent of a slice's pixels, so the network starts where the data are (the
@@ -182,16 +179,17 @@ def dice_sums(y_true, y_pred, per_region=False):
     return intersection, true_size + predicted_size
 
 
-def thresholded_dice_sums(y_true, probabilities, threshold=0.5):
-    """dice_sums per region of the prediction thresholded at `threshold`: the sums behind
+def thresholded_dice_sums(y_true, probabilities, threshold=0.5, per_region=True):
+    """dice_sums of the prediction thresholded at `threshold`: per region, the sums behind
     the Dice figures that training and validation print (added up over batches and ranks)."""
-    return dice_sums(y_true, ops.cast(probabilities > threshold, "float32"), per_region=True)
+    predicted = ops.cast(ops.cast(probabilities, "float32") > threshold, "float32")
+    return dice_sums(y_true, predicted, per_region)
 
 
 def dice_coefficient(y_true, y_pred, threshold=0.5):
     """Hard Dice of the thresholded prediction over a batch, smoothed."""
-    y_pred = ops.cast(ops.cast(y_pred, "float32") > threshold, "float32")
-    return metrics.dice_from_sums(*dice_sums(y_true, y_pred), SMOOTH)
+    return metrics.dice_from_sums(*thresholded_dice_sums(y_true, y_pred, threshold,
+                                                         per_region=False), SMOOTH)
 
 
 def soft_dice_loss(y_true, y_pred, per_region=False, false_negative_weight=0.5):
@@ -219,7 +217,8 @@ def bce_dice_loss(y_true, y_pred, per_region=False, false_negative_weight=0.5):
     be the model's output; other probabilities are turned back into logits."""
     logits = getattr(y_pred, "_keras_logits", None)
     if logits is None:
-        probabilities = ops.clip(ops.cast(y_pred, "float32"), EPSILON, 1.0 - EPSILON)
+        epsilon = keras.config.epsilon()  # the clip of Keras' own binary_crossentropy
+        probabilities = ops.clip(ops.cast(y_pred, "float32"), epsilon, 1.0 - epsilon)
         logits = ops.log(probabilities) - ops.log1p(-probabilities)
     return bce_dice_loss_from_logits(y_true, logits, per_region, false_negative_weight)
 
