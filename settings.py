@@ -124,9 +124,9 @@ MODALITY_DROPOUT = 0.3
 # without (README: "Every change measured").
 CONTEXT_SLICES = 0
 # The documented recipe (bench/accuracy.py measures it); `make demo` trains fewer, to stay
-# within minutes. 24 lost tumor core before the weight average; with it (and again with
-# modality dropout), 24 gained whole tumor +0.005 (+0.008) over three seeds at 2x the time,
-# and tumor core on two seeds but not the third (README: "Every change measured").
+# within minutes. 24 lost tumor core before the weight average; with it, 24 gained whole
+# tumor +0.005 over three seeds at 2x the time (+0.008 with modality dropout), and tumor core
+# on two seeds but not the third, both times (README: "Every change measured").
 EPOCHS = 12
 STEPS_PER_EPOCH = 0  # 0: every epoch covers the largest shard once; > 0: that many steps
 # A floor on an epoch: it draws at least this many slices (all workers together), so a small
