@@ -35,7 +35,8 @@ from brainseg.atomic import OutputFolder
 
 SETTINGS = ["DATA_DIR", "TRAIN_DIR", "CHECKPOINT", "INFERENCE_DIR", "INFERENCE_BATCH_SIZE",
             "INFERENCE_PRECISION", "INFERENCE_RUNTIME", "TEST_TIME_FLIPS", "MIN_LESION_MM3",
-            "MIN_ENHANCING_MM3", "MIN_ENHANCING_LESION_MM3", "MIN_CORE_MM3", "LESION_WISE",
+            "MIN_ENHANCING_MM3", "MIN_ENHANCING_LESION_MM3", "MIN_CORE_MM3", "FAR_LESION_MM",
+            "LESION_WISE",
             "NUM_FIGURES", "NUM_INTRA_THREADS", "NUM_INTER_THREADS", "CASE_TIMEOUT_SECONDS",
             "CROP_SIZE", "CROP_MODE", "SLICE_POLICY"]
 # Earlier spellings of the flags, still accepted (the README used them).
@@ -54,6 +55,8 @@ HELP = {"DATA_DIR": "converted arrays (with --input: only used for a checkpoint 
         "MIN_ENHANCING_LESION_MM3": "enhancing-tumor components smaller than this become "
                                     "core; 0: keep all",
         "MIN_CORE_MM3": "tumor-core components smaller than this become edema; 0: keep all",
+        "FAR_LESION_MM": "remove tumor components without core this far from any with core "
+                         "and from the largest; 0: keep all",
         "LESION_WISE": "also score lesion-wise Dice and HD95 (the official BraTS package)",
         "CASE_TIMEOUT_SECONDS": "with --input: a case whose files are not read within this "
                                 "many seconds fails, and the others go on; 0 = no limit",
@@ -191,9 +194,10 @@ def lesion_scores(truth_labels, labels, spacing, label_mode, args):
 def segmentation(labels, spacing, label_mode, args):
     """The predicted internal label map -> the post-processed one that is written, and the
     target channels [..., K] of that map, which are what is scored."""
+    far_lesion_mm = args.FAR_LESION_MM if label_mode == "regions" else 0  # needs the core
     labels = postprocessing.postprocess(labels, spacing, args.MIN_LESION_MM3,
                                         args.MIN_ENHANCING_MM3, args.MIN_ENHANCING_LESION_MM3,
-                                        args.MIN_CORE_MM3)
+                                        args.MIN_CORE_MM3, far_lesion_mm)
     return labels, preprocessing.targets(labels, label_mode).astype(bool)
 
 

@@ -6,7 +6,7 @@ hyperintensity), a few voxels of enhancing tumor in a lesion that has none (lowe
 gliomas do not enhance), and specks of core in the edema or of enhancement in the core.
 They cost the most where BraTS counts: lesion-wise metrics punish every false-positive
 fragment, and an enhancing-tumor prediction in a case without enhancement scores Dice 0
-instead of 1. Four rules, the first two as in the BraTS-winning nnU-Net post-processing
+instead of 1. Five rules, the first two as in the BraTS-winning nnU-Net post-processing
 (Isensee et al. 2020), each off when its threshold is 0:
 
 1. connected components of the whole tumor smaller than MIN_LESION_MM3 are removed;
@@ -15,7 +15,12 @@ instead of 1. Four rules, the first two as in the BraTS-winning nnU-Net post-pro
 3. connected components of the enhancing tumor smaller than MIN_ENHANCING_LESION_MM3 become
    core (label 1);
 4. connected components of the tumor core (labels 1 and 4) smaller than MIN_CORE_MM3 become
-   edema (label 2): the whole tumor stays, a fragment of core inside it goes.
+   edema (label 2): the whole tumor stays, a fragment of core inside it goes;
+5. connected components of the whole tumor without any core, farther than FAR_LESION_MM
+   from every component that has core and from the largest, are removed: a FLAIR-bright
+   lesion centimetres from the tumor with nothing but "edema" is a white-matter
+   hyperintensity, not tumor, while a lower-grade tumor without a core is the largest
+   component and stays.
 The lesion-wise scores count each fragment that rules 3 and 4 take away as a false-positive
 lesion of its region.
 
@@ -73,11 +78,40 @@ def relabel_small_enhancing(labels, spacing, min_volume_mm3):
     return relabelled
 
 
+def remove_far_coreless_lesions(labels, spacing, far_mm):
+    """Zeroes every component of the whole tumor that holds no core (labels 1 and 4) and
+    lies farther than far_mm from every component that does, and from the largest one."""
+    tumor = labels > 0
+    if far_mm <= 0 or not tumor.any():
+        return labels
+    box = preprocessing.bounding_box(tumor)
+    components, count = scipy.ndimage.label(tumor[box], structure=np.ones((3, 3, 3)))
+    if count < 2:
+        return labels
+    anchors = np.zeros(count + 1, bool)
+    core = (labels[box] == 1) | (labels[box] == 4)
+    anchors[np.unique(components[core])] = True
+    anchors[np.argmax(np.bincount(components.ravel())[1:]) + 1] = True
+    anchors[0] = False  # the background
+    # The box holds every component, and the segment between two of its voxels stays inside
+    # it: these are the distances of the whole grid.
+    distance_mm = scipy.ndimage.distance_transform_edt(~anchors[components], sampling=spacing)
+    nearest_mm = scipy.ndimage.minimum(distance_mm, components, np.arange(1, count + 1))
+    far = np.concatenate([[False], ~anchors[1:] & (np.asarray(nearest_mm) > far_mm)])
+    if not far.any():
+        return labels
+    kept = labels.copy()
+    kept[box][far[components]] = 0
+    return kept
+
+
 def postprocess(labels, spacing, min_lesion_mm3, min_enhancing_mm3,
-                min_enhancing_lesion_mm3=0.0, min_core_mm3=0.0):
-    """The four rules in order: lesions first (an island's enhancement must not count towards
-    rule 2), then the enhancement, whose relabelled voxels are core for rule 4."""
+                min_enhancing_lesion_mm3=0.0, min_core_mm3=0.0, far_lesion_mm=0.0):
+    """The five rules in order: lesions first (an island's enhancement must not count towards
+    rule 2), then the enhancement, whose relabelled voxels are core for rule 4; last the
+    distant lesions, once a speck of core (rule 4) no longer makes a lesion look like tumor."""
     labels = remove_small_lesions(labels, spacing, min_lesion_mm3)
     labels = relabel_small_enhancing(labels, spacing, min_enhancing_mm3)
     labels = relabel_small_enhancing_lesions(labels, spacing, min_enhancing_lesion_mm3)
-    return relabel_small_cores(labels, spacing, min_core_mm3)
+    labels = relabel_small_cores(labels, spacing, min_core_mm3)
+    return remove_far_coreless_lesions(labels, spacing, far_lesion_mm)

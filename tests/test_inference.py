@@ -286,3 +286,23 @@ def test_read_ahead_reads_the_next_case_while_one_is_segmented(monkeypatch):
     assert events.index(("read", "c")) < events.index(("segmented", "broken"))
     assert events.index(("read", "d")) < events.index(("segmented", "c"))
     assert list(inference.read_ahead([], threads=2)) == []
+
+
+def test_far_lesions_are_removed_by_region_only_where_a_core_is_predicted():
+    """FAR_LESION_MM needs the tumor core: with the three regions a far island of edema
+    goes; a whole-tumor model predicts no core, so its islands stay, even one that rule 4
+    (MIN_CORE_MM3 above its volume) has labelled edema."""
+    import argparse
+    import settings
+    args = argparse.Namespace(**{name: getattr(settings, name) for name in inference.SETTINGS})
+    args.FAR_LESION_MM, args.MIN_LESION_MM3, args.MIN_CORE_MM3 = 20.0, 200.0, 300.0
+    labels = np.zeros((80, 30, 30), np.uint8)
+    labels[30:40, 10:20, 10:20] = 2
+    labels[33:37, 13:17, 13:17] = 1
+    labels[74:80, 0:6, 0:6] = 2  # 216 mm^3: above MIN_LESION_MM3, 35 mm from the tumor
+    written, masks = inference.segmentation(labels, (1.0, 1.0, 1.0), "regions", args)
+    assert not written[74:].any() and masks[..., 0].sum() == np.count_nonzero(labels[:74])
+    binary = (labels > 0).astype(np.uint8)
+    written, masks = inference.segmentation(binary, (1.0, 1.0, 1.0), "whole_tumor", args)
+    np.testing.assert_array_equal(written > 0, binary > 0)
+    np.testing.assert_array_equal(masks[..., 0], binary > 0)

@@ -101,3 +101,54 @@ def test_small_enhancing_fragments_become_core_then_isolated_ones_edema():
     assert (cleaned[6:8, 6:8, 6:8] == 4).all()
     np.testing.assert_array_equal(
         postprocessing.relabel_small_enhancing_lesions(labels, spacing, 0), labels)
+
+
+def lesions_around_a_tumor():
+    """A tumor (edema around a core) at one end of a 60-voxel-long grid, a core-less island
+    of edema 8 voxels from it, another 40 voxels from it, and an island with a core 40
+    voxels away on the other side."""
+    labels = np.zeros((80, 30, 30), np.uint8)
+    labels[30:40, 10:20, 10:20] = 2
+    labels[33:37, 13:17, 13:17] = 1
+    labels[48:51, 10:13, 10:13] = 2  # 8 voxels beyond the tumor's edge (x = 39 -> 48)
+    labels[30:33, 25:28, 25:28] = 2  # 5 voxels across in y and z: near too
+    labels[79:80, 0:3, 0:3] = 2  # 40 voxels beyond it
+    labels[0:3, 0:3, 0:3] = 1  # far on the other side, but a core of its own
+    return labels
+
+
+def test_far_islands_without_core_are_removed_and_near_or_cored_ones_kept():
+    labels = lesions_around_a_tumor()
+    cleaned = postprocessing.remove_far_coreless_lesions(labels, (1.0, 1.0, 1.0), 20.0)
+    assert not cleaned[79].any()
+    np.testing.assert_array_equal(cleaned[:79], labels[:79])
+    # The distance is in mm: with 0.25 mm voxels the far island is 10 mm away and stays.
+    np.testing.assert_array_equal(
+        postprocessing.remove_far_coreless_lesions(labels, (0.25, 1.0, 1.0), 20.0), labels)
+    np.testing.assert_array_equal(
+        postprocessing.remove_far_coreless_lesions(labels, (1.0, 1.0, 1.0), 0.0), labels)
+
+
+def test_the_largest_lesion_stays_when_no_lesion_has_a_core():
+    """A lower-grade tumor without any core is all edema: it is kept, islands far from it
+    are not; with a single lesion nothing changes."""
+    labels = lesions_around_a_tumor()
+    labels[labels == 1] = 2
+    cleaned = postprocessing.remove_far_coreless_lesions(labels, (1.0, 1.0, 1.0), 20.0)
+    np.testing.assert_array_equal(cleaned[20:79], labels[20:79])
+    assert not cleaned[79].any() and not cleaned[:3].any()
+    alone = np.zeros_like(labels)
+    alone[30:40] = labels[30:40]
+    alone[:, 25:] = 0
+    np.testing.assert_array_equal(
+        postprocessing.remove_far_coreless_lesions(alone, (1.0, 1.0, 1.0), 1.0), alone)
+
+
+def test_a_far_island_whose_core_is_only_a_speck_is_removed_after_the_speck():
+    labels = lesions_around_a_tumor()
+    labels[79, 1, 1] = 1  # one voxel of "core" in the far island: rule 4 makes it edema
+    cleaned = postprocessing.postprocess(labels, (1.0, 1.0, 1.0), 0, 0, min_core_mm3=2,
+                                         far_lesion_mm=20.0)
+    assert not cleaned[79].any()
+    kept = postprocessing.postprocess(labels, (1.0, 1.0, 1.0), 0, 0, min_core_mm3=2)
+    assert kept[79].any()
