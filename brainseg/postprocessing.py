@@ -29,8 +29,9 @@ thresholds mean the same on any grid.
 """
 import numpy as np
 import scipy.ndimage
+import scipy.spatial
 
-from brainseg import preprocessing
+from brainseg import metrics, preprocessing
 
 
 def relabel_small_components(labels, region, spacing, min_volume_mm3, new_label):
@@ -80,7 +81,12 @@ def relabel_small_enhancing(labels, spacing, min_volume_mm3):
 
 def remove_far_coreless_lesions(labels, spacing, far_mm):
     """Zeroes every component of the whole tumor that holds no core (labels 1 and 4) and
-    lies farther than far_mm from every component that does, and from the largest one."""
+    lies farther than far_mm from every component that does, and from the largest one.
+
+    Two voxel sets are nearest at voxels of their surfaces (a voxel with all six face
+    neighbours inside has one nearer), so the distances come from a k-d tree of surface
+    points, as metrics.hausdorff95_in_box's do: a distance transform of a box holding
+    lesions across the brain took 10-30x longer."""
     tumor = labels > 0
     if far_mm <= 0 or not tumor.any():
         return labels
@@ -93,11 +99,21 @@ def remove_far_coreless_lesions(labels, spacing, far_mm):
     anchors[np.unique(components[core])] = True
     anchors[np.argmax(np.bincount(components.ravel())[1:]) + 1] = True
     anchors[0] = False  # the background
-    # The box holds every component, and the segment between two of its voxels stays inside
-    # it: these are the distances of the whole grid.
-    distance_mm = scipy.ndimage.distance_transform_edt(~anchors[components], sampling=spacing)
-    nearest_mm = scipy.ndimage.minimum(distance_mm, components, np.arange(1, count + 1))
-    far = np.concatenate([[False], ~anchors[1:] & (np.asarray(nearest_mm) > far_mm)])
+    if anchors[1:].all():
+        return labels
+    # No two components touch, not even at a corner: the union's surface voxels are each
+    # component's own.
+    surface = np.argwhere(metrics.surface(tumor[box]))
+    owner = components[tuple(surface.T)]
+    points_mm = surface * np.asarray(spacing, np.float64)
+    tree = scipy.spatial.cKDTree(points_mm[anchors[owner]])
+    others = ~anchors[owner]
+    distance_mm = tree.query(points_mm[others],  # inf beyond the bound
+                             distance_upper_bound=np.nextafter(far_mm, np.inf))[0]
+    nearest_mm = np.full(count + 1, np.inf)
+    np.minimum.at(nearest_mm, owner[others], distance_mm)
+    far = ~anchors & (nearest_mm > far_mm)
+    far[0] = False
     if not far.any():
         return labels
     kept = labels.copy()

@@ -152,3 +152,15 @@ def test_a_far_island_whose_core_is_only_a_speck_is_removed_after_the_speck():
     assert not cleaned[79].any()
     kept = postprocessing.postprocess(labels, (1.0, 1.0, 1.0), 0, 0, min_core_mm3=2)
     assert kept[79].any()
+
+
+def test_a_lesion_exactly_at_the_distance_stays_and_one_beyond_it_goes():
+    """The distance is that between the nearest voxels (centre to centre), and the rule
+    removes only what lies farther than it: a lesion 20 mm away stays at 20 mm."""
+    labels = np.zeros((40, 12, 12), np.uint8)
+    labels[0:6, 3:9, 3:9] = 1
+    labels[25:28, 4:7, 4:7] = 2  # nearest voxels x = 5 and x = 25: 20 mm at 1 mm
+    np.testing.assert_array_equal(
+        postprocessing.remove_far_coreless_lesions(labels, (1.0, 1.0, 1.0), 20.0), labels)
+    assert not postprocessing.remove_far_coreless_lesions(labels, (1.0, 1.0, 1.0),
+                                                          19.9)[25:].any()
