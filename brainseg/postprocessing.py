@@ -34,14 +34,21 @@ import scipy.spatial
 from brainseg import metrics, preprocessing
 
 
+def components_in_box(region):
+    """The region's 3-D connected components (26-connected), numbered 1..count, within its
+    bounding box (a few percent of the grid, and the same components): (box, components,
+    count)."""
+    box = preprocessing.bounding_box(region)
+    components, count = scipy.ndimage.label(region[box], structure=np.ones((3, 3, 3)))
+    return box, components, count
+
+
 def relabel_small_components(labels, region, spacing, min_volume_mm3, new_label):
     """Every 3-D connected component (26-connected) of the region (a boolean mask of labels)
     whose volume is below min_volume_mm3 gets new_label; the labels themselves if none."""
     if min_volume_mm3 <= 0 or not region.any():
         return labels
-    # Within the region's bounding box (a few percent of the grid): the same components.
-    box = preprocessing.bounding_box(region)
-    components, count = scipy.ndimage.label(region[box], structure=np.ones((3, 3, 3)))
+    box, components, count = components_in_box(region)
     voxel_mm3 = float(np.prod(spacing))
     sizes = np.bincount(components.ravel(), minlength=count + 1) * voxel_mm3
     small = sizes < min_volume_mm3
@@ -90,8 +97,7 @@ def remove_far_coreless_lesions(labels, spacing, far_mm):
     tumor = labels > 0
     if far_mm <= 0 or not tumor.any():
         return labels
-    box = preprocessing.bounding_box(tumor)
-    components, count = scipy.ndimage.label(tumor[box], structure=np.ones((3, 3, 3)))
+    box, components, count = components_in_box(tumor)
     if count < 2:
         return labels
     anchors = np.zeros(count + 1, bool)
