@@ -57,7 +57,7 @@ HELP = {"DATA_DIR": "converted arrays (with --input: only used for a checkpoint 
         "MIN_CORE_MM3": "tumor-core components smaller than this become edema; 0: keep all",
         "FAR_LESION_MM": "remove tumor components without core this far from any with core "
                          "and from the largest; 0: keep all",
-        "LESION_WISE": "also score lesion-wise Dice and HD95 (the official BraTS package)",
+        "LESION_WISE": "also score lesion-wise Dice and HD95 (official package; 2023 ranking)",
         "CASE_TIMEOUT_SECONDS": "with --input: a case whose files are not read within this "
                                 "many seconds fails, and the others go on; 0 = no limit",
         "CROP_SIZE": "with --input, for a checkpoint without its preprocessing and no manifest",

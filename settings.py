@@ -249,7 +249,8 @@ MIN_CORE_MM3 = 200.0
 # worse on none, mean WT HD95 2.25 / 2.90 / 3.07 -> 2.16 / 1.96 / 1.87 mm (README: "Every
 # change measured"). At 20 mm it cut the second, core-less focus of a lower-grade tumor.
 FAR_LESION_MM = 30.0
-# Lesion-wise Dice and HD95 beside the per-case figures (BraTS ranks by them since 2023),
-# computed by the official package (brats-evaluation, panoptica): a few tenths of a second
-# per case.
+# Lesion-wise Dice and HD95 beside the per-case figures (BraTS ranks by them since 2023), two
+# ways: the official package's (brats-evaluation on panoptica: every lesion counts, however
+# small) and BraTS 2023's ranking scripts' (lesions within 3 voxels are one, those of at most
+# 50 mm^3 are not counted; metrics.ranking_lesion_wise). A few tenths of a second per case.
 LESION_WISE = True

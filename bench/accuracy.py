@@ -111,7 +111,9 @@ def segment(test_raw_dir, train_dir, inference_dir, inference_flags):
 SUMMARY_KEYS = {("dice", "mean"): "dice_mean", ("dice", "median"): "dice_median",
                 ("hd95_mm", "mean"): "hd95_mean_mm", ("hd95_mm", "median"): "hd95_median_mm",
                 ("lesion_dice", "mean"): "lesion_dice_mean",
-                ("lesion_hd95_mm", "mean"): "lesion_hd95_mean_mm"}
+                ("lesion_hd95_mm", "mean"): "lesion_hd95_mean_mm",
+                ("ranking_lesion_dice", "mean"): "ranking_lesion_dice_mean",
+                ("ranking_lesion_hd95_mm", "mean"): "ranking_lesion_hd95_mean_mm"}
 
 
 def summarize(rows):
@@ -169,8 +171,8 @@ def markdown_table(results):
     region, lesion-wise Dice, the worst case, the tumor core's Dice on the high- and
     lower-grade cases apart, and the training time."""
     lines = [("| recipe | seed | WT Dice | TC Dice | ET Dice | WT / TC / ET HD95 (mm) | "
-              "lesion-wise Dice WT / TC / ET | worst WT | TC high- / lower-grade (cases) | "
-              "train min (img/s) |"),
+              "lesion-wise Dice WT / TC / ET, package (BraTS 2023 ranking) | worst WT | "
+              "TC high- / lower-grade (cases) | train min (img/s) |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         regions = result["regions"]
@@ -179,8 +181,10 @@ def markdown_table(results):
         hd95 = " / ".join(f"{regions[r]['hd95_mean_mm']:.1f}" for r in REGIONS)
         lesion = " / ".join(f"{regions[r].get('lesion_dice_mean', math.nan):.3f}"
                             for r in REGIONS)
+        ranking = " / ".join(f"{regions[r].get('ranking_lesion_dice_mean', math.nan):.3f}"
+                             for r in REGIONS)
         lines.append(f"| {result['name']} | {result['seed']} | {' | '.join(dice)} | {hd95} | "
-                     f"{lesion} | {result['worst_case']['whole_tumor_dice']:.3f} | "
+                     f"{lesion} ({ranking}) | {result['worst_case']['whole_tumor_dice']:.3f} | "
                      f"{format_core_by_grade(result)} | "
                      f"{result['train_seconds'] / 60:.1f} ({result['train_img_s']:.0f}) |")
     return "\n".join(lines)
@@ -360,12 +364,14 @@ def main():
     print(f"\n{args.name} (seed {args.seed}): {len(rows)} held-out cases; {epochs} epochs "
           f"trained in {train_seconds / 60:.1f} min at {img_s:.1f} img/s")
     print(f"{'region':<16} {'Dice mean':>9} {'median':>7} {'HD95 mean':>10} {'median':>7} "
-          f"{'lesion-wise Dice':>17} {'HD95':>7}")
+          f"{'lesion-wise Dice':>17} {'HD95':>7} {'BraTS 2023 ranking':>19} {'HD95':>7}")
     for region, figures in regions.items():
         print(f"{region:<16} {figures['dice_mean']:9.3f} {figures['dice_median']:7.3f} "
               f"{figures['hd95_mean_mm']:8.1f}mm {figures['hd95_median_mm']:5.1f}mm "
               f"{figures.get('lesion_dice_mean', math.nan):17.3f} "
-              f"{figures.get('lesion_hd95_mean_mm', math.nan):5.1f}mm")
+              f"{figures.get('lesion_hd95_mean_mm', math.nan):5.1f}mm "
+              f"{figures.get('ranking_lesion_dice_mean', math.nan):19.3f} "
+              f"{figures.get('ranking_lesion_hd95_mean_mm', math.nan):5.1f}mm")
     print(f"worst case {worst['case']}: whole-tumor Dice {worst['whole_tumor_dice']:.3f}")
     print(f"tumor-core Dice, high- / lower-grade cases (no enhancing tumor): "
           f"{format_core_by_grade(result)}")

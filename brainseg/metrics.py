@@ -13,8 +13,9 @@ Sensitivity is 1 when the truth is empty (no tumor was missed); specificity is c
 the whole volume.
 
 lesion_wise() adds the lesion-wise Dice and HD95 of the official BraTS evaluation package
-(brats-evaluation on panoptica); how its conventions differ from the ones above is in
-docs/official_metrics.md.
+(brats-evaluation on panoptica), and ranking_lesion_wise() those of BraTS 2023's ranking
+scripts, which group nearby true lesions and leave out the smallest; how their conventions
+differ from the ones above is in docs/official_metrics.md.
 """
 import functools
 import warnings
@@ -26,9 +27,11 @@ import scipy.spatial
 from brainseg import preprocessing
 
 METRIC_NAMES = ("dice", "hd95_mm", "sensitivity", "specificity")
-# Lesion-wise Dice and HD95 (lesion_wise(), the official package's definition, how BraTS
-# ranks since 2023), reported beside the per-case figures when computed.
-LESION_METRIC_NAMES = ("lesion_dice", "lesion_hd95_mm")
+# Lesion-wise Dice and HD95, reported beside the per-case figures when computed: the official
+# package's (lesion_wise(): every lesion counts, none grouped) and BraTS 2023's ranking
+# (ranking_lesion_wise()).
+LESION_METRIC_NAMES = ("lesion_dice", "lesion_hd95_mm", "ranking_lesion_dice",
+                       "ranking_lesion_hd95_mm")
 
 
 def dice_from_sums(intersection, total, smooth=0.0):
@@ -120,7 +123,8 @@ def region_metrics(truth, prediction, spacing):
 def score_case(case_id, num_slices, truth, prediction, regions, spacing, lesions=None):
     """A per-case metrics row: every metric of every region (channel k of the [..., K]
     masks), on a grid of the given voxel spacing in mm; with `lesions` (lesion_wise() of the
-    case's label maps), the lesion-wise Dice and HD95 of each region too."""
+    case's label maps), the lesion-wise Dice and HD95 of each region too, the package's and
+    BraTS 2023's ranking (ranking_lesion_wise)."""
     row = {"case": case_id, "slices": num_slices}
     for k, region in enumerate(regions):
         scores = region_metrics(truth[..., k], prediction[..., k], spacing)
@@ -128,6 +132,9 @@ def score_case(case_id, num_slices, truth, prediction, regions, spacing, lesions
         if lesions is not None:
             row[f"{region}_lesion_dice"] = lesions[region]["dice"]
             row[f"{region}_lesion_hd95_mm"] = lesions[region]["hd95_mm"]
+            ranking = ranking_lesion_wise(truth[..., k], prediction[..., k], spacing, scores)
+            row[f"{region}_ranking_lesion_dice"] = ranking["dice"]
+            row[f"{region}_ranking_lesion_hd95_mm"] = ranking["hd95_mm"]
     return row
 
 
@@ -268,3 +275,79 @@ def official_lesion_scores(truth, prediction, spacing):
                           "hd95_mm": float(hd95), "matched_dice": float(result["sq_dsc"]),
                           "matched_hd95_mm": float(result["sq_hd95"])}
     return scores
+
+
+# BraTS 2023's ranking scripts, glioma task (rachitsaluja/BraTS-2023-Metrics, BraTS-GLI):
+# true lesions that RANKING_DILATION dilations join are one lesion, and a true lesion of at
+# most RANKING_MIN_LESION_MM3 is not counted; a missed lesion or a false positive scores HD95
+# RANKING_HD95_CAP_MM (their 374 for infinity).
+RANKING_DILATION = 3
+RANKING_MIN_LESION_MM3 = 50.0
+RANKING_HD95_CAP_MM = 374.0
+
+
+def ranking_lesion_wise(truth, prediction, spacing, whole=None):
+    """Lesion-wise Dice and HD95 of one region (binary masks) as BraTS 2023 ranked gliomas.
+
+    The true mask is dilated RANKING_DILATION times (18-connected steps) and each
+    26-connected component of that is one true lesion: the true voxels in it, so a speck of
+    edema beside the tumor belongs to the tumor. The predicted components that touch a
+    lesion's dilation are its prediction (one component may serve two lesions); the others
+    are false positives. Each true lesion larger than RANKING_MIN_LESION_MM3 scores the Dice
+    and HD95 of its prediction (0 and the cap when there is none); the smaller ones are not
+    counted, nor are predictions near them false positives. The Dice is the sum of the
+    counted lesions' Dice over their number plus the false positives'; HD95 the same with
+    the cap for each false positive. Nothing to count (no true lesion above the size, no false
+    positive) gives Dice 1 and HD95 0, as the scripts' NaN -> 1 and 0 do. Returns
+    {"dice", "hd95_mm", "tp", "fn", "fp"}, tp and fn counting the counted lesions.
+    The lesions' HD95 is hausdorff95's (face-connected surface voxels), where the scripts
+    used surface-element distances (DeepMind's surface_distance): a voxel's fraction apart.
+    `whole`, region_metrics() of the same masks, is reused when the one lesion is the whole
+    truth and its prediction the whole prediction, as it mostly is: the lesion's HD95 was
+    half of the ranking's time."""
+    truth, prediction = truth.astype(bool, copy=False), prediction.astype(bool, copy=False)
+    either = truth | prediction
+    nothing = {"dice": 1.0, "hd95_mm": 0.0, "tp": 0, "fn": 0, "fp": 0}
+    if not either.any():
+        return nothing
+    # The box of both plus the dilation's reach: every lesion, prediction and join lies in it.
+    box = preprocessing.bounding_box(either, margin=RANKING_DILATION + 1)
+    truth, prediction = truth[box], prediction[box]
+    all_neighbours = np.ones((3, 3, 3), bool)
+    step = scipy.ndimage.generate_binary_structure(3, 2)
+    reach, num_lesions = scipy.ndimage.label(
+        scipy.ndimage.binary_dilation(truth, step, iterations=RANKING_DILATION), all_neighbours)
+    components, num_components = scipy.ndimage.label(prediction, all_neighbours)
+    voxel_mm3 = float(np.prod(spacing))
+    found_components, dice_scores, hd95_scores, found_lesions = set(), [], [], 0
+    for lesion, where in enumerate(scipy.ndimage.find_objects(reach), start=1):
+        in_reach = reach[where] == lesion
+        touching = np.unique(components[where][in_reach])
+        touching = touching[touching != 0]
+        found_components.update(touching.tolist())
+        true_lesion = in_reach & truth[where]
+        if np.count_nonzero(true_lesion) * voxel_mm3 <= RANKING_MIN_LESION_MM3:
+            continue
+        if not touching.size:
+            dice_scores.append(0.0)
+            hd95_scores.append(RANKING_HD95_CAP_MM)
+            continue
+        found_lesions += 1
+        if whole is not None and num_lesions == 1 and touching.size == num_components:
+            dice_scores.append(whole["dice"])
+            hd95_scores.append(min(whole["hd95_mm"], RANKING_HD95_CAP_MM))
+            continue
+        found = np.isin(components, touching)
+        lesion_mask = np.zeros_like(truth)
+        lesion_mask[where] = true_lesion
+        dice_scores.append(dice(lesion_mask, found))
+        hd95_scores.append(min(hausdorff95_in_box(lesion_mask, found, spacing),
+                               RANKING_HD95_CAP_MM))
+    false_positives = num_components - len(found_components)
+    counted = len(dice_scores) + false_positives
+    if counted == 0:
+        return nothing
+    penalty = RANKING_HD95_CAP_MM * false_positives
+    return {"dice": float(sum(dice_scores) / counted),
+            "hd95_mm": float((sum(hd95_scores) + penalty) / counted),
+            "tp": found_lesions, "fn": len(dice_scores) - found_lesions, "fp": false_positives}

@@ -14,7 +14,7 @@ import pytest
 
 import inference
 import model as unet
-from brainseg import folders, layouts, metrics, synthetic
+from brainseg import folders, layouts, metrics, preprocessing, synthetic
 from conftest import SMALL_IMAGE_SIZE, SMALL_SHAPE
 
 # --- Metrics ---------------------------------------------------------------------------------
@@ -59,13 +59,20 @@ def test_a_case_folder_is_segmented_on_its_own_grid(checkpoint, converted_dir, r
     truth_labels = np.asarray(nib.load(case_dir / "BraTS-GLI-00001-000-seg.nii.gz").dataobj)
     assert float(row["whole_tumor_dice"]) == pytest.approx(
         metrics.dice(truth_labels > 0, np.asarray(segmentation.dataobj) > 0))
-    # Lesion-wise scores of what was written, by the official package, beside the others.
+    # Lesion-wise scores of what was written, by the official package and as BraTS 2023
+    # ranked, beside the others.
     lesions = metrics.lesion_wise(layouts.to_internal_labels(truth_labels, "brats2023"),
                                   layouts.to_internal_labels(labels, "brats2023"),
                                   scan.header.get_zooms())
     for region in ("whole_tumor", "tumor_core", "enhancing_tumor"):
         assert float(row[f"{region}_lesion_dice"]) == pytest.approx(
             lesions[region]["dice"], nan_ok=True)
+    written, true = (preprocessing.targets(layouts.to_internal_labels(labels, "brats2023"),
+                                           "regions") for labels in (labels, truth_labels))
+    for k, region in enumerate(("whole_tumor", "tumor_core", "enhancing_tumor")):
+        assert float(row[f"{region}_ranking_lesion_dice"]) == pytest.approx(
+            metrics.ranking_lesion_wise(true[..., k], written[..., k],
+                                        scan.header.get_zooms())["dice"])
     assert os.path.exists(tmp_path / "BraTS-GLI-00001-000_montage.png")
     assert os.path.exists(tmp_path / "dice_distribution.png")
 

@@ -132,3 +132,85 @@ def test_summary_leaves_out_undefined_lesion_wise_figures():
     assert summary["lesion_dice"]["cases"] == 2
     assert summary["lesion_dice"]["mean"] == pytest.approx(0.6)
     assert summary["lesion_hd95_mm"]["median"] == pytest.approx(15.0)
+
+
+def cube(mask, corner, size):
+    mask[tuple(slice(c, c + s) for c, s in zip(corner, size))] = True
+    return mask
+
+
+def test_ranking_lesion_wise_groups_nearby_lesions_and_skips_the_smallest():
+    """BraTS 2023's ranking on hand-made masks. True: a tumor, a speck 2 voxels from it
+    (within the 3 dilations: the same lesion), a small far speck (27 mm^3: not counted) and
+    a far lesion of 64 mm^3 that is missed. Predicted: the tumor, a fragment 2 voxels from
+    it (the tumor's, not a false positive), the small speck (no false positive either) and a
+    far false positive. So 1 lesion found, 1 missed, 1 false positive."""
+    shape, spacing = (48, 40, 30), (1.0, 1.0, 1.0)
+    tumor = cube(np.zeros(shape, bool), (10, 10, 5), (8, 8, 6))
+    truth = cube(tumor.copy(), (20, 12, 6), (2, 2, 2))  # 2 voxels beyond x = 17
+    truth = cube(cube(truth, (40, 30, 20), (3, 3, 3)), (5, 30, 20), (4, 4, 4))
+    prediction = cube(cube(tumor.copy(), (10, 20, 6), (3, 2, 2)), (40, 30, 20), (3, 3, 3))
+    prediction = cube(prediction, (30, 2, 25), (2, 2, 2))
+    scores = metrics.ranking_lesion_wise(truth, prediction, spacing)
+    assert (scores["tp"], scores["fn"], scores["fp"]) == (1, 1, 1)
+    lesion = cube(tumor.copy(), (20, 12, 6), (2, 2, 2))
+    found = cube(tumor.copy(), (10, 20, 6), (3, 2, 2))
+    assert metrics.dice(lesion, found) == pytest.approx(2 * 384 / (392 + 396))
+    assert scores["dice"] == pytest.approx(metrics.dice(lesion, found) / 3)
+    assert scores["hd95_mm"] == pytest.approx(
+        (metrics.hausdorff95(lesion, found, spacing) + 2 * metrics.RANKING_HD95_CAP_MM) / 3)
+
+
+def test_ranking_lesion_wise_counts_a_lesion_by_its_volume_in_mm3():
+    """A missed lesion of 30 voxels counts (Dice 0) on 2 mm slices, 60 mm^3, and not on 1 mm
+    ones; one of exactly 50 mm^3 does not either. With nothing counted and no false positive
+    the score is 1 and 0, as the scripts' NaN -> 1 / 0."""
+    shape = (20, 20, 12)
+    small = cube(np.zeros(shape, bool), (5, 5, 5), (5, 3, 2))
+    fifty = cube(np.zeros(shape, bool), (5, 5, 5), (5, 5, 2))
+    nothing = np.zeros(shape, bool)
+    missed = metrics.ranking_lesion_wise(small, nothing, (1.0, 1.0, 2.0))
+    assert (missed["dice"], missed["hd95_mm"], missed["fn"]) == (
+        0.0, metrics.RANKING_HD95_CAP_MM, 1)
+    for truth in (small, fifty, nothing):
+        skipped = metrics.ranking_lesion_wise(truth, nothing, (1.0, 1.0, 1.0))
+        assert (skipped["dice"], skipped["hd95_mm"], skipped["fn"]) == (1.0, 0.0, 0)
+    false_only = metrics.ranking_lesion_wise(nothing, small, (1.0, 1.0, 1.0))
+    assert (false_only["dice"], false_only["hd95_mm"], false_only["fp"]) == (
+        0.0, metrics.RANKING_HD95_CAP_MM, 1)
+
+
+def test_ranking_lesion_wise_lets_one_component_serve_two_lesions():
+    """Two true lesions 8 voxels apart (not joined by 3 dilations), one predicted slab over
+    both: each lesion is scored against the whole slab, and nothing is a false positive."""
+    shape, spacing = (40, 20, 12), (1.0, 1.0, 1.0)
+    first = cube(np.zeros(shape, bool), (5, 5, 4), (6, 6, 4))
+    second = cube(np.zeros(shape, bool), (19, 5, 4), (6, 6, 4))
+    slab = cube(np.zeros(shape, bool), (5, 5, 4), (20, 6, 4))
+    scores = metrics.ranking_lesion_wise(first | second, slab, spacing)
+    assert (scores["tp"], scores["fn"], scores["fp"]) == (2, 0, 0)
+    assert scores["dice"] == pytest.approx(
+        (metrics.dice(first, slab) + metrics.dice(second, slab)) / 2)
+
+
+def test_score_case_ranks_lesions_as_ranking_lesion_wise_does():
+    """score_case reuses the region's own Dice and HD95 for a lesion that is the whole
+    region: the row's ranking figures are ranking_lesion_wise's computed from scratch, for
+    one lesion, for two, and for a lesion with a false positive beside it."""
+    shape, spacing = (40, 30, 16), (1.0, 1.2, 2.5)
+    one = cube(np.zeros(shape, bool), (5, 5, 4), (9, 7, 5))
+    two = cube(one.copy(), (25, 18, 6), (6, 6, 4))
+    shifted = cube(np.zeros(shape, bool), (6, 5, 5), (9, 8, 5))
+    stray = cube(shifted.copy(), (30, 2, 12), (2, 2, 2))
+    truth = np.stack([one, two, one], axis=-1)
+    prediction = np.stack([shifted, shifted, stray], axis=-1)
+    regions = ("whole_tumor", "tumor_core", "enhancing_tumor")
+    unused = {"dice": float("nan"), "hd95_mm": float("nan")}
+    row = metrics.score_case("case", shape[2], truth, prediction, regions, spacing,
+                             lesions={region: unused for region in regions})
+    for k, region in enumerate(regions):
+        expected = metrics.ranking_lesion_wise(truth[..., k], prediction[..., k], spacing)
+        assert row[f"{region}_ranking_lesion_dice"] == pytest.approx(expected["dice"])
+        assert row[f"{region}_ranking_lesion_hd95_mm"] == pytest.approx(expected["hd95_mm"])
+    assert row["whole_tumor_ranking_lesion_dice"] == pytest.approx(metrics.dice(one, shifted))
+    assert row["tumor_core_ranking_lesion_dice"] < row["whole_tumor_ranking_lesion_dice"]
