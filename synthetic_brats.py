@@ -8,7 +8,7 @@ these: the same folders, file names, grid and labels as a BraTS release.
 import sys
 import time
 
-from brainseg import cli, layouts, synthetic
+from brainseg import cli, layouts, phantom, synthetic
 
 SETTINGS = ["RAW_DIR", "SYNTHETIC_KIND", "SYNTHETIC_NUM_CASES", "SYNTHETIC_SEED",
             "SYNTHETIC_SHAPE"]
@@ -25,6 +25,9 @@ def main(argv=None):
                         help="the release whose folder and file names to write")
     parser.add_argument("--no-labels", dest="with_labels", action="store_false",
                         help="omit the label maps, like a validation release")
+    parser.add_argument("--phenomenon", action="append", default=[], metavar="NAME=VALUE",
+                        help="a realistic case's phenomenon other than its default "
+                             "(brainseg/phantom.py TumorPhenomena), e.g. bias_field_strength=0.3")
     args = parser.parse_args(argv)
     shape = tuple(args.SYNTHETIC_SHAPE)
     print(f"Synthetic BraTS: {args.SYNTHETIC_NUM_CASES} {args.SYNTHETIC_KIND} cases of "
@@ -32,9 +35,10 @@ def main(argv=None):
           f"seed {args.SYNTHETIC_SEED}, into {args.RAW_DIR}")
     start = time.time()
     try:
+        phenomena = phantom.phenomena_from(args.phenomenon) if args.phenomenon else None
         folders = synthetic.write_dataset(args.RAW_DIR, args.SYNTHETIC_NUM_CASES,
                                           args.SYNTHETIC_SEED, shape, args.layout,
-                                          args.with_labels, args.SYNTHETIC_KIND)
+                                          args.with_labels, args.SYNTHETIC_KIND, phenomena)
     except ValueError as error:
         sys.exit(f"ERROR: {error}")
     print(f"Wrote {len(folders)} cases to {args.RAW_DIR} in {time.time() - start:.1f} s")

@@ -63,12 +63,14 @@ def run(command):
     return time.perf_counter() - started
 
 
-def generate(raw_dir, num_cases, seed):
-    """Realistic cases 1..num_cases of `seed`, unless a complete earlier run left them."""
+def generate(raw_dir, num_cases, seed, phenomena=()):
+    """Realistic cases 1..num_cases of `seed` (with these "NAME=VALUE" phenomena), unless a
+    complete earlier run left them."""
     done = os.path.join(raw_dir, ".complete")
     if not os.path.exists(done):
         run([PYTHON, "synthetic_brats.py", "--synthetic-kind", "realistic", "--raw-dir", raw_dir,
-             "--synthetic-num-cases", str(num_cases), "--synthetic-seed", str(seed)])
+             "--synthetic-num-cases", str(num_cases), "--synthetic-seed", str(seed),
+             *(f"--phenomenon={setting}" for setting in phenomena)])
         open(done, "w").close()
     return raw_dir
 
@@ -223,13 +225,19 @@ def bootstrap(differences, resamples=10000):
     return differences.mean(), low, high, int((differences > 0).sum()), int((differences < 0).sum())
 
 
+def held_out_cases(result):
+    """What a result's held-out cases are: seed, number and phenomena other than default."""
+    return result["seed"], result["test_cases"], result.get("held_out_phenomena", [])
+
+
 def reference_for(result, references):
     """The reference of result's seed and held-out cases among several (one per seed)."""
     for reference in references:
-        if (reference["seed"], reference["test_cases"]) == (result["seed"], result["test_cases"]):
+        if held_out_cases(reference) == held_out_cases(result):
             return reference
-    raise ValueError(f"no reference for {result['name']} (seed {result['seed']}, "
-                     f"{result['test_cases']} held-out cases)")
+    seed, test_cases, phenomena = held_out_cases(result)
+    raise ValueError(f"no reference for {result['name']} (seed {seed}, {test_cases} held-out "
+                     f"cases{', ' + ' '.join(phenomena) if phenomena else ''})")
 
 
 def paired_table(references, results):
@@ -297,6 +305,10 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--train-cases", type=int, default=24)
     parser.add_argument("--test-cases", type=int, default=24)
+    parser.add_argument("--held-out-phenomenon", action="append", default=[],
+                        metavar="NAME=VALUE",
+                        help="held-out cases drawn with this phenomenon changed (the same "
+                             "patients otherwise), e.g. bias_field_strength=0.3; repeatable")
     parser.add_argument("--convert-flags", default="", help="extra converter.py flags")
     parser.add_argument("--train-flags", default="", help="extra train_horovod.py flags")
     parser.add_argument("--inference-flags", default="", help="extra inference.py flags")
@@ -330,8 +342,9 @@ def main():
     data_key = f"seed{args.seed}_{args.train_cases}"
     train_raw = generate(os.path.join(args.work_dir, data_key, "train_raw"), args.train_cases,
                          args.seed)
-    test_raw = generate(os.path.join(args.work_dir, data_key, f"held_out_{args.test_cases}"),
-                        args.test_cases, args.seed + 1000)
+    held_out = "_".join([f"held_out_{args.test_cases}", *args.held_out_phenomenon])
+    test_raw = generate(os.path.join(args.work_dir, data_key, held_out), args.test_cases,
+                        args.seed + 1000, args.held_out_phenomenon)
     convert_recipe = [convert_flags, defaults_of("converter.py")]
     data_dir = convert(train_raw, os.path.join(args.work_dir, data_key,
                                                f"converted_{flags_key(*convert_recipe)}"),
@@ -343,9 +356,10 @@ def main():
                     source_digest(TRAINING_SOURCES)]
     train_dir = args.trained_dir or os.path.join(args.work_dir, data_key,
                                                  f"train_{flags_key(*train_recipe)}")
-    inference_dir = os.path.join(
-        args.work_dir, data_key, f"inference_{args.name}_{args.test_cases}_"
-                                 f"{flags_key(*train_recipe, inference_flags, train_dir)}")
+    held_out_key = [args.held_out_phenomenon] if args.held_out_phenomenon else []  # as before
+    inference_key = flags_key(*train_recipe, inference_flags, train_dir, *held_out_key)
+    inference_dir = os.path.join(args.work_dir, data_key,
+                                 f"inference_{args.name}_{args.test_cases}_{inference_key}")
     if not args.trained_dir:
         train(data_dir, train_dir, args.seed, train_flags)
     train_seconds, epochs, img_s = training_figures(train_dir)
@@ -353,7 +367,8 @@ def main():
     regions, worst = summarize(rows)
 
     result = {"name": args.name, "seed": args.seed, "train_cases": args.train_cases,
-              "test_cases": args.test_cases, "convert_flags": convert_flags,
+              "test_cases": args.test_cases,
+              "held_out_phenomena": args.held_out_phenomenon, "convert_flags": convert_flags,
               "train_flags": train_flags, "inference_flags": inference_flags,
               "train_dir": train_dir,
               "regions": regions, "worst_case": worst, "epochs": epochs,

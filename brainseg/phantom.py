@@ -141,6 +141,35 @@ class TumorPhenomena:
     sulcal_widening: tuple = (1.2, 2.5)
 
 
+def phenomena_from(settings):
+    """TumorPhenomena with some fields set from "NAME=VALUE" texts as a command line gives
+    them ("bias_field_strength=0.3", "core_radius_mm=10,15"): held-out cases with a
+    phenomenon stronger than the training cases had show how a recipe copes."""
+    defaults = TumorPhenomena()
+    changed = {}
+    for setting in settings:
+        name, equals, text = setting.partition("=")
+        if not equals:
+            raise ValueError(f"phenomenon {setting!r}: expected NAME=VALUE")
+        if not hasattr(defaults, name):
+            known = ", ".join(field.name for field in dataclasses.fields(TumorPhenomena))
+            raise ValueError(f"no phenomenon {name!r}; the phenomena are {known}")
+        default = getattr(defaults, name)
+        parts = text.split(",") if isinstance(default, tuple) else [text]
+        kind = type(default[0]) if isinstance(default, tuple) else type(default)
+        try:
+            values = tuple(kind(part) for part in parts)
+        except ValueError:
+            values = ()
+        if len(values) != len(parts) or (isinstance(default, tuple)
+                                         and len(values) != len(default)):
+            example = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            raise ValueError(f"phenomenon {name}: {text!r} is not a value like its default "
+                             f"{example} ({kind.__name__})")
+        changed[name] = values if isinstance(default, tuple) else values[0]
+    return dataclasses.replace(defaults, **changed)
+
+
 # ----------------------------------------------------------------------------------------
 # The template on the BraTS grid
 

@@ -258,11 +258,15 @@ KINDS = ("cartoon", "realistic")
 
 
 def write_case(root, index, seed, shape=(240, 240, 155), layout="brats2020", with_labels=True,
-               kind="cartoon"):
+               kind="cartoon", phenomena=None):
     """Write case `index` in the files and folders of `layout` (see layouts.py), e.g.
     root/BraTS20_Training_001/BraTS20_Training_001_flair.nii.gz for brats2020. Without
-    labels it looks like a validation release. Returns the case folder (or image file)."""
-    volumes = phantom.make_case(seed, shape) if kind == "realistic" else make_case(seed, shape)
+    labels it looks like a validation release. `phenomena` (phantom.TumorPhenomena) replaces
+    a realistic case's defaults. Returns the case folder (or image file)."""
+    if kind == "realistic":
+        volumes = phantom.make_case(seed, shape, phenomena or phantom.TumorPhenomena())
+    else:
+        volumes = make_case(seed, shape)
     name = case_id(index, layout)
     seg = layouts.to_release_labels(volumes.pop("seg"), layout)
     if layout == "msd":  # one 4-D image per case; labels in a parallel folder
@@ -327,13 +331,18 @@ def claim_folder(root):
 
 
 def write_dataset(root, num_cases, seed, shape=(240, 240, 155), layout="brats2020",
-                  with_labels=True, kind="cartoon"):
+                  with_labels=True, kind="cartoon", phenomena=None):
     """Write cases 1..num_cases (overwriting earlier synthetic ones) of a kind in `layout`
-    into a folder that is new, empty or the generator's own; returns their folders."""
+    into a folder that is new, empty or the generator's own; returns their folders.
+    `phenomena` (realistic cases only) changes what the phantom draws, case k staying the
+    same patient: with a stronger bias field, say, only the field is stronger."""
     if kind not in KINDS:
         raise ValueError(f"synthetic kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if phenomena is not None and kind != "realistic":
+        raise ValueError("tumor phenomena apply to realistic cases, not to the cartoon")
     claim_folder(root)
-    written = [write_case(root, index, _case_seed(seed, index), shape, layout, with_labels, kind)
+    written = [write_case(root, index, _case_seed(seed, index), shape, layout, with_labels, kind,
+                         phenomena)
                for index in tqdm(range(1, num_cases + 1), desc="synthetic cases", unit="case")]
     if layout == "msd":
         _write_msd_dataset_json(root, num_cases, with_labels)

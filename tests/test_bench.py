@@ -190,3 +190,28 @@ def test_accuracy_pairs_each_seed_with_its_reference_and_pools_the_seeds():
     assert lines[5].endswith("(2 / 1) |")
     with pytest.raises(ValueError, match="no reference for new"):
         paired_table(references[:1], recipes)
+
+
+def test_accuracy_pairs_only_held_out_cases_drawn_alike():
+    """Held-out cases drawn with a phenomenon changed (--held-out-phenomenon) are other
+    images of the same patients: a result on them pairs with a reference on them, never with
+    one on the default cases."""
+    from bench.accuracy import paired_table
+
+    def result(name, dice, phenomena=None):
+        found = {"name": name, "seed": 1, "test_cases": len(dice), "per_case": [
+            {"case": f"case{number}", **{f"{region}_dice": value for region in
+                                         ("whole_tumor", "tumor_core", "enhancing_tumor")}}
+            for number, value in enumerate(dice)]}
+        if phenomena is not None:
+            found["held_out_phenomena"] = phenomena
+        return found
+    references = [result("defaults", [0.9, 0.9]),
+                  result("defaults", [0.5, 0.5], ["bias_field_strength=0.3"])]
+    strong = result("new", [0.7, 0.7], ["bias_field_strength=0.3"])
+    assert paired_table(references, [strong]).splitlines()[3].startswith(
+        "| new | 1 | +0.200 [+0.200, +0.200] (2 / 0) |")
+    assert paired_table(references, [result("new", [0.7, 0.7])]).splitlines()[3].startswith(
+        "| new | 1 | -0.200 [")
+    with pytest.raises(ValueError, match="bias_field_strength=0.3"):
+        paired_table(references[:1], [strong])

@@ -5,6 +5,7 @@ The tissue maps that a case is made from ("truth") tell which voxels are white m
 matter or CSF, so the contrast orderings are measured on the generated images themselves.
 Grids are small (2-5 mm voxels) except one full-size case; the file takes about 20 s.
 """
+import dataclasses
 import functools
 import os
 import subprocess
@@ -221,3 +222,18 @@ def test_template_cache_is_outside_the_repository():
     reference = phantom._reference()
     fractions = reference["maps"].astype(np.float32) / 255
     assert fractions.sum(axis=0).max() <= 1.02  # grey + white + CSF add up to the brain
+
+
+def test_phenomena_from_text_sets_fields_by_their_default_types():
+    phenomena = phantom.phenomena_from(["bias_field_strength=0.3", "core_radius_mm=10,15",
+                                        "mimic_lesion_count=1,3"])
+    assert phenomena == dataclasses.replace(TumorPhenomena(), bias_field_strength=0.3,
+                                            core_radius_mm=(10.0, 15.0),
+                                            mimic_lesion_count=(1, 3))
+    for bad, message in (("bias=0.3", "no phenomenon 'bias'; the phenomena are"),
+                         ("lobulation", "expected NAME=VALUE"),
+                         ("lobulation=strong", "'strong' is not a value like its default 0.3"),
+                         ("core_radius_mm=10", "like its default 10.0,25.0"),
+                         ("mimic_lesion_count=1.5,3", r"like its default 2,12 \(int\)")):
+        with pytest.raises(ValueError, match=message):
+            phantom.phenomena_from([bad])

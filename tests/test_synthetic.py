@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import synthetic_brats
-from brainseg import synthetic
+from brainseg import phantom, synthetic
 from brainseg.synthetic import CASE_PREFIX, case_id, make_case, write_case, write_dataset
 
 SMALL_SHAPE = (48, 48, 24)
@@ -174,6 +174,34 @@ def test_realistic_kind_writes_brats_cases_and_an_unknown_kind_is_refused(tmp_pa
     assert not np.array_equal(seg, cartoon)
     with pytest.raises(ValueError, match="realistic"):
         write_dataset(str(tmp_path), 1, seed=3, shape=SMALL_SHAPE, kind="photographic")
+
+
+def test_a_phenomenon_changed_draws_the_same_patients_otherwise(tmp_path):
+    """--phenomenon: a stronger bias field shades the same case (the same labels, other
+    intensities); every case lower-grade has no enhancing tumor; the cartoon takes none."""
+    synthetic_brats.main(["--raw-dir", str(tmp_path / "plain"), "--num-cases", "2", "--seed",
+                          "4", "--shape", *map(str, SMALL_SHAPE), "--synthetic-kind",
+                          "realistic"])
+    synthetic_brats.main(["--raw-dir", str(tmp_path / "shaded"), "--num-cases", "2", "--seed",
+                          "4", "--shape", *map(str, SMALL_SHAPE), "--synthetic-kind",
+                          "realistic", "--phenomenon", "bias_field_strength=0.6"])
+    write_dataset(str(tmp_path / "lower"), 2, seed=4, shape=SMALL_SHAPE, kind="realistic",
+                  phenomena=phantom.phenomena_from(["lower_grade_probability=1"]))
+    for index in (1, 2):
+        name = case_id(index)
+
+        def read(folder, kind):
+            return np.asarray(nib.load(tmp_path / folder / name / f"{name}_{kind}.nii.gz")
+                              .dataobj)
+        np.testing.assert_array_equal(read("plain", "seg"), read("shaded", "seg"))
+        assert not np.array_equal(read("plain", "flair"), read("shaded", "flair"))
+        assert read("lower", "seg").any() and not (read("lower", "seg") == 4).any()
+    with pytest.raises(ValueError, match="realistic"):
+        write_dataset(str(tmp_path / "cartoon"), 1, seed=4, shape=SMALL_SHAPE,
+                      phenomena=phantom.phenomena_from(["lobulation=0"]))
+    with pytest.raises(SystemExit, match="no phenomenon 'bias'"):
+        synthetic_brats.main(["--raw-dir", str(tmp_path / "typo"), "--num-cases", "1",
+                              "--synthetic-kind", "realistic", "--phenomenon", "bias=0.3"])
 
 
 def test_case_k_is_the_same_whatever_the_number_of_cases(tmp_path):
