@@ -184,6 +184,34 @@ def random_gamma(image, seed, max_gamma, modalities=None):
     return tf.reshape(result, shape)
 
 
+# A brain's mean intensity over its standard deviation, about 3 to 4.5 on every modality of
+# the phantom's and BraTS's scans (CSF and tumor spread the values): what a z-scored pixel
+# adds to undo the normalization's shift, so that a bias field can multiply the intensity.
+BRAIN_MEAN_OVER_STD = 3.5
+BIAS_FIELD_NODES = 3  # per side of the slice: about 100 mm apart on a 192 mm crop
+
+
+def random_bias_field(image, seed, strength, modalities=None):
+    """Each modality multiplied by a smooth random field, as a receive coil's sensitivity
+    shades a scan that was not bias-corrected (BraTS is not): the log of the field is a
+    bicubic surface through BIAS_FIELD_NODES x BIAS_FIELD_NODES normal draws, whose standard
+    deviation is drawn per modality from [0, strength]. The z-scored pixels are shifted back
+    by BRAIN_MEAN_OVER_STD before the product and forward again after it, so grey matter
+    brightened by the field comes near edema as it does in a shaded scan. The background
+    stays 0; a 2.5D stack shades each modality alike on every slice."""
+    channels = image.shape[-1]
+    modalities = modalities or channels
+    amplitude_seed, node_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    amplitude = tf.random.stateless_uniform([modalities], amplitude_seed, 0.0, strength)
+    nodes = tf.random.stateless_normal([1, BIAS_FIELD_NODES, BIAS_FIELD_NODES, modalities],
+                                       node_seed) * amplitude
+    log_field = tf.image.resize(nodes, image.shape[:2], method="bicubic")[0]
+    gain = tf.tile(tf.exp(log_field), [1, 1, channels // modalities])
+    brain = tf.reduce_any(image != 0, axis=-1, keepdims=True)
+    shaded = (image + BRAIN_MEAN_OVER_STD) * gain - BRAIN_MEAN_OVER_STD
+    return tf.where(brain, shaded, tf.zeros_like(image))
+
+
 def random_modality_dropout(image, seed, probability, modalities=None):
     """With `probability`, one modality drawn at random is set to 0 (the brain's mean after
     normalization; on every slice of a 2.5D stack of `modalities` channels each). What sets
@@ -198,7 +226,7 @@ def random_modality_dropout(image, seed, probability, modalities=None):
 
 
 def augment(image, mask, seed, intensity=0.0, modalities=None, max_scale=0.0,
-            max_degrees=0.0, gamma=0.0, modality_dropout=0.0):
+            max_degrees=0.0, gamma=0.0, modality_dropout=0.0, bias_field=0.0):
     """A random left-right flip followed by a random number of 90-degree rotations: together
     they reach all 8 symmetries of the square. Image and mask are transformed together
     (concatenated), so the labels stay on their pixels. With intensity > 0, each modality's
@@ -207,7 +235,8 @@ def augment(image, mask, seed, intensity=0.0, modalities=None, max_scale=0.0,
     `modalities` channels each) gets each modality's change on every slice, inside that
     slice's own brain. With max_scale or max_degrees, the pair is then zoomed and turned
     (random_zoom_and_turn), from a seed of its own: without, the batches are as before.
-    With gamma > 0, each modality's contrast is then bent (random_gamma), and with
+    With bias_field > 0, each modality is then shaded (random_bias_field); with
+    gamma > 0, its contrast is bent (random_gamma), and with
     modality_dropout > 0 a modality may be lost (random_modality_dropout), each from a seed
     of its own too."""
     flip_seed, rotation_seed, intensity_seed = tf.unstack(
@@ -236,6 +265,9 @@ def augment(image, mask, seed, intensity=0.0, modalities=None, max_scale=0.0,
                                                   minval=-intensity, maxval=intensity)
         brain = tf.cast(tf.reduce_any(image != 0, axis=-1, keepdims=True), image.dtype)
         image = image * (1 + scale_shift[0]) + scale_shift[1] * brain
+    if bias_field:
+        image = random_bias_field(image, tf.random.experimental.stateless_fold_in(seed, 6),
+                                  bias_field, modalities)
     if gamma:
         image = random_gamma(image, tf.random.experimental.stateless_fold_in(seed, 4), gamma,
                              modalities)
@@ -265,14 +297,14 @@ def sample_stream(indices, seed, tumor_indices=None, tumor_share=0.0):
 def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0,
                      intensity_augmentation=0.0, neighbours=None, tumor_indices=None,
                      tumor_share=0.0, max_scale=0.0, max_degrees=0.0, gamma=0.0,
-                     modality_dropout=0.0):
+                     modality_dropout=0.0, bias_field=0.0):
     """Endless shuffled, augmented batches of the given shard; the caller takes
     steps_per_epoch() batches per epoch. The same seed gives the same batches. `neighbours`
     (brainseg/context.py's table for these arrays, None for one slice) makes 2.5D samples;
     tumor_share draws that share of the samples from `tumor_indices` (sample_stream);
     max_scale and max_degrees zoom and turn each sample (random_zoom_and_turn), gamma bends
     its contrast (random_gamma), modality_dropout may take a modality away
-    (random_modality_dropout).
+    (random_modality_dropout), bias_field shades each modality (random_bias_field).
 
     skip_samples drops that many samples from the start of the stream: a run resumed after
     k epochs passes k x steps x batch size and sees exactly the batches the uninterrupted run
@@ -289,7 +321,8 @@ def training_dataset(imgs, msks, indices, batch_size, seed, skip_samples=0,
                                                                intensity_augmentation,
                                                                modalities, max_scale,
                                                                max_degrees, gamma,
-                                                               modality_dropout),
+                                                               modality_dropout,
+                                                               bias_field),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 

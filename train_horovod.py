@@ -50,6 +50,7 @@ SETTINGS = ["DATA_DIR", "TRAIN_DIR", "EPOCHS", "STEPS_PER_EPOCH", "MIN_SLICES_PE
             "BATCH_SIZE", "DICE_PER_REGION", "DICE_FALSE_NEGATIVE_WEIGHT", "TUMOR_SAMPLE_SHARE",
             "OVERSAMPLED_SLICES", "SCALE_AUGMENTATION", "ROTATION_AUGMENTATION_DEGREES",
             "INTENSITY_AUGMENTATION", "GAMMA_AUGMENTATION", "MODALITY_DROPOUT",
+            "BIAS_FIELD_AUGMENTATION",
             "CONTEXT_SLICES", "LEARNING_RATE", "WARMUP_EPOCHS", "FINAL_LR_FRACTION",
             "WEIGHT_AVERAGE_MOMENTUM", "BASE_FILTERS", "DEPTH", "USE_TRANSPOSED_CONV",
             "USE_BATCH_NORM", "DROPOUT", "SEED",
@@ -67,6 +68,7 @@ HELP = {"BATCH_SIZE": "per worker", "LEARNING_RATE": "single-worker rate; scaled
         "SCALE_AUGMENTATION": "zoom each training slice by 1 +- up to this; 0 = off",
         "ROTATION_AUGMENTATION_DEGREES": "turn each training slice by up to this; 0 = off",
         "MODALITY_DROPOUT": "chance that a training slice loses one modality; 0 = off",
+        "BIAS_FIELD_AUGMENTATION": "largest std of a training slice's log bias field; 0 = off",
         "PRECISION": "auto | float32 | mixed_bfloat16",
         "EARLY_STOPPING_PATIENCE": "epochs without a better validation Dice; 0 = never",
         "TIMELINE": "write a Horovod timeline (Chrome trace) to this file",
@@ -290,7 +292,7 @@ def sharded_datasets(args, imgs_train, msks_train, imgs_test, msks_test, samples
         neighbours=neighbours["train"], tumor_indices=shard_tumor,
         tumor_share=args.TUMOR_SAMPLE_SHARE, max_scale=args.SCALE_AUGMENTATION,
         max_degrees=args.ROTATION_AUGMENTATION_DEGREES, gamma=args.GAMMA_AUGMENTATION,
-        modality_dropout=args.MODALITY_DROPOUT))
+        modality_dropout=args.MODALITY_DROPOUT, bias_field=args.BIAS_FIELD_AUGMENTATION))
     test_batches = data.evaluation_dataset(
         imgs_test, msks_test, data.shard_indices(len(imgs_test), hvd.rank(), hvd.size()),
         args.BATCH_SIZE, neighbours=neighbours["test"])

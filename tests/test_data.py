@@ -234,6 +234,55 @@ def test_modality_dropout_takes_one_whole_modality_from_some_slices(slices):
     assert set(lost) == {0, 1, 2, 3}
 
 
+@pytest.mark.parametrize("slices", [1, 3])  # one slice, and a 2.5D stack of 3
+def test_bias_field_shades_each_modality_smoothly_inside_the_brain(slices):
+    """The flips and turns are those of the same seed without the field and the background
+    stays 0. Undoing the z-score's shift (BRAIN_MEAN_OVER_STD), each modality's pixels are
+    multiplied by one smooth positive field, the same on every slice of a stack, another per
+    modality, within what the strength allows; a larger strength shades more."""
+    rng = np.random.default_rng(6)
+    size = 32
+    image = np.zeros((size, size, slices, 4), np.float32)
+    image[3:29, 2:30] = rng.normal(size=(26, 28, slices, 4))
+    image = image.reshape(size, size, slices * 4)
+    mask = (image[..., :1] > 0).astype(np.float32)
+    modalities = 4 if slices > 1 else None
+    shift = data.BRAIN_MEAN_OVER_STD
+    spreads = {}
+    for strength in (0.1, 0.4):
+        log_gains = []
+        for seed in range(20):
+            plain_image, plain_mask = data.augment(image, mask, np.array([seed, 3]),
+                                                   modalities=modalities)
+            shaded_image, shaded_mask = data.augment(image, mask, np.array([seed, 3]),
+                                                     modalities=modalities, bias_field=strength)
+            np.testing.assert_array_equal(shaded_mask, plain_mask)
+            plain, shaded = (array.numpy().reshape(size, size, slices, 4)
+                             for array in (plain_image, shaded_image))
+            brain = plain.any(axis=-1)
+            assert not shaded[~brain].any()
+            gain = (shaded + shift) / (plain + shift)
+            assert (gain[brain] > 0).all()
+            log_gain = np.log(gain)
+            # The same field on every slice of the stack, for each modality.
+            np.testing.assert_allclose(log_gain[brain.all(axis=-1)].std(axis=1), 0, atol=1e-4)
+            field = np.where(brain[:, :, :1], log_gain[:, :, 0], np.nan)  # [H, W, modalities]
+            # Smooth: neighbouring pixels differ by a small part of the field's own range.
+            steps = np.nanmax(np.abs(np.diff(field, axis=0)), axis=(0, 1))
+            ranges = np.nanmax(field, axis=(0, 1)) - np.nanmin(field, axis=(0, 1))
+            assert (steps <= 0.2 * ranges + 1e-4).all()
+            log_gains.append(field[np.isfinite(field[..., 0])])
+        log_gains = np.stack(log_gains)  # [seeds, brain pixels, modalities]
+        assert np.abs(log_gains).max() < 4 * strength  # nodes of at most +-~3 sd
+        spreads[strength] = log_gains.std()
+        # Each sample's modalities get fields of their own.
+        assert not np.allclose(log_gains[0, :, 0], log_gains[0, :, 1])
+    assert 2 * spreads[0.1] < spreads[0.4]
+    again, _ = data.augment(image, mask, np.array([3, 3]), modalities=modalities, bias_field=0.4)
+    first, _ = data.augment(image, mask, np.array([3, 3]), modalities=modalities, bias_field=0.4)
+    np.testing.assert_array_equal(again.numpy(), first.numpy())
+
+
 def test_tumor_rows_are_found_in_memory_and_in_a_memory_map(tmp_path):
     msks = np.zeros((9, 4, 4, 3), np.uint8)
     msks[[1, 4, 8], 2, 3, 0] = 1

@@ -53,8 +53,8 @@ def test_sampling_and_augmentation_flags_train_through_the_launcher(converted_di
                   "--data-dir", str(converted_dir), "--train-dir", str(tmp_path / "augmented"),
                   "--epochs", "1", "--tumor-sample-share", "0.5", "--scale-augmentation",
                   "0.2", "--rotation-augmentation-degrees", "30", "--gamma-augmentation", "0.5",
-                  "--modality-dropout", "0.5", "--dice-false-negative-weight", "0.7",
-                  *TINY_MODEL], timeout=300)
+                  "--modality-dropout", "0.5", "--bias-field-augmentation", "0.2",
+                  "--dice-false-negative-weight", "0.7", *TINY_MODEL], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     reported = re.search(r"Tumor-slice oversampling: 50% of the samples drawn from the "
                          r"(\d+) of (\d+) slices with tumor", result.stdout)
@@ -62,6 +62,7 @@ def test_sampling_and_augmentation_flags_train_through_the_launcher(converted_di
     assert re.search(r"SCALE_AUGMENTATION += 0.2$", result.stdout, re.MULTILINE)
     assert re.search(r"GAMMA_AUGMENTATION += 0.5$", result.stdout, re.MULTILINE)
     assert re.search(r"MODALITY_DROPOUT += 0.5$", result.stdout, re.MULTILINE)
+    assert re.search(r"BIAS_FIELD_AUGMENTATION += 0.2$", result.stdout, re.MULTILINE)
     assert re.search(r"DICE_FALSE_NEGATIVE_WEIGHT += 0.7$", result.stdout, re.MULTILINE)
     fingerprints = weights_fingerprints(result.stdout)
     assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
