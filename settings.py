@@ -242,7 +242,10 @@ TEST_TIME_FLIPS = False
 # Post-processing of the predicted label map (brainseg/postprocessing.py); 0 turns a rule off.
 # The largest gain on the realistic benchmark: the lower-grade cases, which have no enhancing
 # tumor, no longer get a few false enhancing voxels (README: "Every change measured").
-MIN_LESION_MM3 = 200.0  # tumor components smaller than this (mm^3) are removed
+# Tumor components smaller than this (mm^3) are removed: 200 until 2026-11-29, when 500 (half
+# a millilitre, a ball of 10 mm) raised the lesion-wise whole tumor as BraTS 2023 ranked it by
+# 0.04-0.07 on 576 held-out cases (0.69-0.70 -> 0.74-0.77), its Dice unchanged within 0.0002.
+MIN_LESION_MM3 = 500.0
 MIN_ENHANCING_MM3 = 500.0  # a case with less enhancing tumor than this gets none (it becomes core)
 # Components of the enhancing tumor smaller than this (mm^3) become core, and then components
 # of the tumor core smaller than MIN_CORE_MM3 become edema: fragments scattered in the tumor,
