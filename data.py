@@ -184,9 +184,9 @@ def random_gamma(image, seed, max_gamma, modalities=None):
     return tf.reshape(result, shape)
 
 
-# A brain's mean intensity over its standard deviation, about 3 to 4.5 on every modality of
-# the phantom's and BraTS's scans (CSF and tumor spread the values): what a z-scored pixel
-# adds to undo the normalization's shift, so that a bias field can multiply the intensity.
+# A brain's mean intensity over its standard deviation, 2.7 to 4.5 on the four modalities of
+# six phantom cases (CSF and tumor spread the values): what a z-scored pixel adds to undo the
+# normalization's shift, so that a bias field can multiply the intensity.
 BRAIN_MEAN_OVER_STD = 3.5
 BIAS_FIELD_NODES = 3  # per side of the slice: about 100 mm apart on a 192 mm crop
 
