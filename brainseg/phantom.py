@@ -155,18 +155,17 @@ def phenomena_from(settings):
             known = ", ".join(field.name for field in dataclasses.fields(TumorPhenomena))
             raise ValueError(f"no phenomenon {name!r}; the phenomena are {known}")
         default = getattr(defaults, name)
-        parts = text.split(",") if isinstance(default, tuple) else [text]
-        kind = type(default[0]) if isinstance(default, tuple) else type(default)
+        ranged = isinstance(default, tuple)  # (low, high), say; else one number
+        kind = type(default[0] if ranged else default)
         try:
-            values = tuple(kind(part) for part in parts)
+            values = tuple(kind(part) for part in (text.split(",") if ranged else [text]))
         except ValueError:
-            values = ()
-        if len(values) != len(parts) or (isinstance(default, tuple)
-                                         and len(values) != len(default)):
-            example = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            values = None
+        if values is None or (ranged and len(values) != len(default)):
+            example = ",".join(map(str, default)) if ranged else default
             raise ValueError(f"phenomenon {name}: {text!r} is not a value like its default "
                              f"{example} ({kind.__name__})")
-        changed[name] = values if isinstance(default, tuple) else values[0]
+        changed[name] = values if ranged else values[0]
     return dataclasses.replace(defaults, **changed)
 
 
